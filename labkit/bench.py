@@ -137,7 +137,7 @@ def record(chapter: str, results: list[dict], *, directory: Path | None = None) 
     existing = json.loads(path.read_text()) if path.exists() else {}
     meta = environment()
     existing[meta["profile"]] = {"meta": meta, "results": results}
-    path.write_text(json.dumps(existing, indent=1, sort_keys=True, default=_jsonable) + "\n")
+    path.write_text(json.dumps(existing, indent=1, default=_jsonable) + "\n")
     return path
 
 

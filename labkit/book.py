@@ -87,7 +87,8 @@ def _module_file(root: Path, module: str) -> Path | None:
     return None
 
 
-def _chapter(raw: dict, index: int, parts: dict[int, Part], root: Path, where: str) -> Chapter:
+def _chapter(raw: dict, index: int, parts: dict[int, Part], root: Path, where: str,
+             require_notebooks: bool) -> Chapter:
     cid = raw.get("id")
     here = f"{where}: chapter {cid}" if isinstance(cid, str) else f"{where}: chapter #{index + 1}"
 
@@ -130,7 +131,7 @@ def _chapter(raw: dict, index: int, parts: dict[int, Part], root: Path, where: s
     if raw["status"] != "planned":
         if not raw["tests"]:
             fail(f"tests must name at least one test file for a {raw['status']} chapter")
-        for key in ("solution", "notebook"):
+        for key in ("solution", "notebook") if require_notebooks else ("solution",):
             if not (root / raw[key]).exists():
                 fail(f"{key} '{raw[key]}' does not exist")
         for t in raw["tests"]:
@@ -146,8 +147,11 @@ def _chapter(raw: dict, index: int, parts: dict[int, Part], root: Path, where: s
     )
 
 
-def parse(text: str, root: Path, where: str = "book.toml") -> Book:
-    """Validate a manifest's text against the files under `root`."""
+def parse(text: str, root: Path, where: str = "book.toml", *, require_notebooks: bool = True) -> Book:
+    """Validate a manifest's text against the files under `root`.
+
+    require_notebooks=False lets the student build run before it has written notebooks/.
+    """
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -158,14 +162,14 @@ def parse(text: str, root: Path, where: str = "book.toml") -> Book:
     parts: dict[int, Part] = {}
     for i, p in enumerate(data.get("parts", [])):
         number, ptitle = p.get("number"), p.get("title")
-        if not isinstance(number, int) or not isinstance(ptitle, str):
+        if not isinstance(number, int) or isinstance(number, bool) or not isinstance(ptitle, str):
             raise BookError(f"{where}: part #{i + 1}: needs an int 'number' and a str 'title', got {p!r}")
         if number in parts:
             raise BookError(f"{where}: part {number}: listed twice")
         parts[number] = Part(number, ptitle)
     if not parts:
         raise BookError(f"{where}: no [[parts]]")
-    chapters = [_chapter(raw, i, parts, root, where) for i, raw in enumerate(data.get("chapters", []))]
+    chapters = [_chapter(raw, i, parts, root, where, require_notebooks) for i, raw in enumerate(data.get("chapters", []))]
     if not chapters:
         raise BookError(f"{where}: no [[chapters]]")
     seen: set[str] = set()
@@ -184,9 +188,9 @@ def parse(text: str, root: Path, where: str = "book.toml") -> Book:
     return Book(title, tuple(parts[n] for n in sorted(parts)), tuple(chapters), root)
 
 
-def load(path: Path | str | None = None) -> Book:
+def load(path: Path | str | None = None, *, require_notebooks: bool = True) -> Book:
     """Load book.toml (default: the repository's) and validate it."""
     path = Path(path) if path is not None else runtime.repo_root() / "book.toml"
     if not path.exists():
         raise BookError(f"{path}: not found")
-    return parse(path.read_text(encoding="utf-8"), path.parent, path.name)
+    return parse(path.read_text(encoding="utf-8"), path.parent, path.name, require_notebooks=require_notebooks)

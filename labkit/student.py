@@ -19,6 +19,8 @@ import copy
 import json
 from pathlib import Path
 
+import nbformat
+
 from labkit import book as book_mod
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
@@ -75,8 +77,8 @@ def student_notebook(nb: dict, where: str = "notebook") -> dict:
 
 
 def dumps(nb: dict) -> str:
-    """Serialize like nbformat does (so Jupyter's own saves produce no diff)."""
-    return json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+    """Serialize exactly as Jupyter saves (so opening and saving a notebook changes nothing)."""
+    return nbformat.writes(nbformat.from_dict(nb)) + "\n"
 
 
 def _markdown(text: str, cell_id: str) -> dict:
@@ -114,7 +116,7 @@ def start_page(b: book_mod.Book) -> dict:
 
 def build(root: Path | None = None) -> dict[Path, str]:
     """Every file of notebooks/ as the build would write it: {path: text}."""
-    b = book_mod.load(root / "book.toml" if root else None)
+    b = book_mod.load(root / "book.toml" if root else None, require_notebooks=False)
     root = b.root
     files = {root / "notebooks" / START: dumps(start_page(b))}
     for sol in sorted((root / "solutions").glob("*.ipynb")):

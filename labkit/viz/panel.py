@@ -16,15 +16,9 @@ import plotly.graph_objects as go
 def _apply(target: go.FigureWidget, source: go.Figure) -> None:
     """Replace target's traces and layout with source's, keeping the widget (one redraw)."""
     with target.batch_update():
-        if len(target.data) == len(source.data) and all(
-            a.type == b.type for a, b in zip(target.data, source.data)
-        ):
-            for old, new in zip(target.data, source.data):
-                old.update(new.to_plotly_json(), overwrite=True)
-        else:
-            target.data = ()
-            target.add_traces(source.data)
-        target.layout.update(source.layout.to_plotly_json(), overwrite=True)
+        target.data = ()
+        target.add_traces(source.data)
+        target.layout = source.layout
 
 
 def slider_panel(figure_fn: Callable[..., go.Figure], controls: dict[str, widgets.Widget], *,
