@@ -266,11 +266,12 @@ def check(name: str, fn: Callable, *, seed: int = 0, quiet: bool = False) -> Res
                 reason = ex.compare(got, expected, case)
             else:
                 reason = default_compare(got, expected, ex.rtol, ex.atol)
-            if reason is None and ex.require is not None:
+            if reason is not None:
+                reason = f"{reason}\n  expected: {_show(expected)}\n  got:      {_show(got)}"
+            elif ex.require is not None:  # right values; a property of the function itself is checked
                 reason = ex.require(fn, _copy_case(case))
             if reason is None:
                 continue
-            reason = f"{reason}\n  expected: {_show(expected)}\n  got:      {_show(got)}"
         lines = [f"{name}: case {i} of {total} failed",
                  f"  input:    {_show_case(case)}",
                  f"  {reason}".replace("\n  ", "\n  "),
