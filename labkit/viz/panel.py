@@ -45,7 +45,8 @@ def slider_panel(figure_fn: Callable[..., go.Figure], controls: dict[str, widget
 
     for w in controls.values():
         w.observe(refresh, names="value")
-    children = ([widgets.HTML(f"<b>{title}</b>")] if title else []) + [fig, widgets.HBox(list(controls.values()))]
+    row = widgets.Box(list(controls.values()), layout=widgets.Layout(flex_flow="row wrap", gap="4px 16px"))
+    children = ([widgets.HTML(f"<b>{title}</b>")] if title else []) + [fig, row]
     box = widgets.VBox(children)
     box.figure, box.controls, box.refresh = fig, controls, refresh
     return box
