@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib
+import importlib.util
 import json
 import platform
 import statistics
@@ -24,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from labkit import runtime
+from labkit import book, runtime
 
 
 @dataclass
@@ -159,10 +160,14 @@ def load(chapter: str, profile: str = "gpu", *, directory: Path | None = None) -
     return json.loads(path.read_text()).get(profile)
 
 
+def has_benchmarks(chapter: str) -> bool:
+    """Whether `labkit/benchmarks/<module>.py` exists for the chapter."""
+    return importlib.util.find_spec("labkit.benchmarks." + book.module_name(chapter)) is not None
+
+
 def run_chapter(chapter: str, *, quick: bool = False, save: bool = True) -> list[dict]:
     """Run a chapter's benchmarks (`labkit.benchmarks.<slug>.run`) and record them."""
-    slug = chapter.split("-", 1)[1] if chapter[:2].isdigit() else chapter
-    module = importlib.import_module("labkit.benchmarks." + slug.replace("-", "_"))
+    module = importlib.import_module("labkit.benchmarks." + book.module_name(chapter))
     results = module.run(quick=quick)
     if save:
         record(chapter, results)

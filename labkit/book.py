@@ -28,6 +28,25 @@ class BookError(ValueError):
     """book.toml is malformed or disagrees with the files on disk."""
 
 
+class UnknownChapter(BookError, KeyError):
+    """No chapter has that id, slug or number."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def slug(chapter: str) -> str:
+    """A chapter's slug: '01-roofline' -> 'roofline'; 'lion_tiger' -> 'lion-tiger'."""
+    if chapter[:2].isdigit() and "-" in chapter:
+        chapter = chapter.split("-", 1)[1]
+    return chapter.replace("_", "-")
+
+
+def module_name(chapter: str) -> str:
+    """The per-chapter module name: '04-lion-tiger' -> 'lion_tiger' (labkit/exercises/lion_tiger.py, ...)."""
+    return slug(chapter).replace("-", "_")
+
+
 @dataclass(frozen=True)
 class Part:
     number: int
@@ -54,7 +73,7 @@ class Chapter:
 
     @property
     def slug(self) -> str:
-        return self.id[3:]
+        return slug(self.id)
 
 
 @dataclass(frozen=True)
@@ -69,7 +88,7 @@ class Book:
         for c in self.chapters:
             if ident in (c.id, c.slug) or (ident.isdigit() and int(ident) == c.number):
                 return c
-        raise KeyError(f"no chapter {ident!r}; chapters are {', '.join(c.id for c in self.chapters)}")
+        raise UnknownChapter(f"no chapter {ident!r}; chapters are {', '.join(c.id for c in self.chapters)}")
 
     def part_of(self, chapter: Chapter) -> Part:
         return next(p for p in self.parts if p.number == chapter.part)

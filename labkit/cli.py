@@ -3,8 +3,9 @@
     labkit list                  parts, chapters, status and device
     labkit check                 book.toml is valid and notebooks/ is up to date
     labkit student [--check]     build notebooks/ from solutions/ (or only check it)
-    labkit validate [CHAPTER...] run the chapters' notebooks under nbval (all non-planned by default)
-    labkit bench CHAPTER [--quick] [--no-save]
+    labkit validate [CHAPTER...] [--solutions-only]
+                                 run the chapters' notebooks under nbval (all non-planned by default)
+    labkit bench CHAPTER|--all [--quick] [--no-save]
                                  run a chapter's benchmarks and record them under data/bench/
 """
 
@@ -59,8 +60,9 @@ def cmd_validate(args) -> int:
     if planned:
         print(f"planned chapters have no notebooks yet: {', '.join(planned)}")
         return 2
-    paths = [str(b.root / p) for c in chapters for p in (c.solution, c.notebook)]
-    if not args.chapters:
+    kinds = ("solution",) if args.solutions_only else ("solution", "notebook")
+    paths = [str(b.root / getattr(c, kind)) for c in chapters for kind in kinds]
+    if not args.chapters and not args.solutions_only:
         paths.append(str(b.root / "notebooks" / student.START))
     cmd = [sys.executable, "-m", "pytest", "--nbval-lax", "-p", "no:cacheprovider", "-q", *paths]
     print(" ".join(cmd))
@@ -69,9 +71,13 @@ def cmd_validate(args) -> int:
 
 def cmd_bench(args) -> int:
     b = book_mod.load()
-    chapter = b.chapter(args.chapter)
-    results = bench.run_chapter(chapter.id, quick=args.quick, save=not args.no_save)
-    print(bench.summary(chapter.id, {"meta": bench.environment(), "results": results}))
+    if args.all == (args.chapter is not None):
+        print("labkit bench: name one CHAPTER or pass --all", file=sys.stderr)
+        return 2
+    chapters = [c for c in b.active() if bench.has_benchmarks(c.id)] if args.all else [b.chapter(args.chapter)]
+    for chapter in chapters:
+        results = bench.run_chapter(chapter.id, quick=args.quick, save=not args.no_save)
+        print(bench.summary(chapter.id, {"meta": bench.environment(), "results": results}), flush=True)
     return 0
 
 
@@ -85,17 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_student)
     p = sub.add_parser("validate", help="run chapter notebooks under nbval")
     p.add_argument("chapters", nargs="*", help="chapter ids, slugs or numbers (default: all with notebooks)")
+    p.add_argument("--solutions-only", action="store_true", help="skip the student editions (e.g. on a GPU runner)")
     p.set_defaults(fn=cmd_validate)
     p = sub.add_parser("bench", help="run and record a chapter's benchmarks")
-    p.add_argument("chapter")
+    p.add_argument("chapter", nargs="?", help="chapter id, slug or number")
+    p.add_argument("--all", action="store_true", help="every chapter with notebooks and benchmarks")
     p.add_argument("--quick", action="store_true", help="small sizes")
     p.add_argument("--no-save", action="store_true", help="print only, do not write data/bench/")
     p.set_defaults(fn=cmd_bench)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
-    except (book_mod.BookError, student.StudentBuildError, KeyError) as e:
-        print(f"labkit: {e.args[0] if e.args else e}", file=sys.stderr)
+    except (book_mod.BookError, student.StudentBuildError) as e:
+        print(f"labkit: {e}", file=sys.stderr)
         return 2
 
 

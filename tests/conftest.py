@@ -27,3 +27,10 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def root() -> Path:
     return ROOT
+
+
+@pytest.fixture(autouse=True)
+def _cpu_profile_unless_gpu(request, monkeypatch):
+    """Tests run the CPU profile (and file records under 'cpu') unless marked `gpu`, even on a GPU machine."""
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setenv("LABKIT_DEVICE", "cpu")

@@ -22,3 +22,13 @@ def test_readme_chapter_table_matches_book(root):
         assert cells[1] == c.title, f"README: {c.id}: title {cells[1]!r} != book.toml {c.title!r}"
         assert cells[3] == c.status, f"README: {c.id}: status {cells[3]!r} != book.toml {c.status!r}"
         assert cells[4] == c.device, f"README: {c.id}: device {cells[4]!r} != book.toml {c.device!r}"
+
+
+def test_readme_library_example_runs(root, capsys):
+    text = (root / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks, "README.md has no ```python example"
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "roofline.attainable:" in out and "cases passed" in out

@@ -31,6 +31,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from labkit.book import module_name, slug
+
 _REGISTRY: dict[str, "Exercise"] = {}
 
 
@@ -77,16 +79,9 @@ class Result:
         return self.status == "passed"
 
 
-def _slug(chapter: str) -> str:
-    """'01-roofline' -> 'roofline'; 'lion_tiger' -> 'lion-tiger'."""
-    if chapter[:2].isdigit() and "-" in chapter:
-        chapter = chapter.split("-", 1)[1]
-    return chapter.replace("_", "-")
-
-
 def _canonical(name: str) -> str:
     chapter, _, exercise = name.partition(".")
-    return f"{_slug(chapter)}.{exercise}"
+    return f"{slug(chapter)}.{exercise}"
 
 
 def register(ex: Exercise) -> Exercise:
@@ -101,14 +96,13 @@ def register(ex: Exercise) -> Exercise:
 
 def exercises_for(chapter: str) -> list[str]:
     """Names of the exercises a chapter registers ('roofline' or '01-roofline')."""
-    slug = _slug(chapter)
-    module = "labkit.exercises." + slug.replace("-", "_")
+    module = "labkit.exercises." + module_name(chapter)
     try:
         importlib.import_module(module)
     except ModuleNotFoundError as e:  # no module: exercises may still be registered by hand
         if e.name != module:
             raise
-    return sorted(ex.name for key, ex in _REGISTRY.items() if key.split(".")[0] == slug)
+    return sorted(ex.name for key, ex in _REGISTRY.items() if key.split(".")[0] == slug(chapter))
 
 
 def lookup(name: str) -> Exercise:
@@ -153,7 +147,7 @@ def default_compare(got: Any, expected: Any, rtol: float, atol: float, path: str
             return f"expected a tensor{where}, got {type(got).__name__}"
         if got.shape != expected.shape:
             return f"shape {tuple(got.shape)} != expected {tuple(expected.shape)}{where}"
-        if got.dtype.is_floating_point != expected.dtype.is_floating_point and not expected.dtype.is_floating_point:
+        if got.dtype.is_floating_point and not expected.dtype.is_floating_point:
             return f"dtype {got.dtype} != expected {expected.dtype}{where}"
         try:
             torch.testing.assert_close(got.detach().cpu().to(expected.dtype), expected.detach().cpu(),
@@ -262,23 +256,20 @@ def check(name: str, fn: Callable, *, seed: int = 0, quiet: bool = False) -> Res
         except Exception as e:  # the student's code crashed: show the input that crashed it
             reason = f"raised {type(e).__name__}: {e}"
         else:
-            if ex.compare is not None:
-                reason = ex.compare(got, expected, case)
-            else:
-                reason = default_compare(got, expected, ex.rtol, ex.atol)
+            compare = ex.compare or (lambda g, e, c: default_compare(g, e, ex.rtol, ex.atol))
+            reason = compare(got, expected, case)
             if reason is not None:
-                reason = f"{reason}\n  expected: {_show(expected)}\n  got:      {_show(got)}"
-            elif ex.require is not None:  # right values; a property of the function itself is checked
+                reason += f"\n  expected: {_show(expected)}\n  got:      {_show(got)}"
+                if ex.compare is None:
+                    reason += f"\n  tolerance: rtol={ex.rtol:g}, atol={ex.atol:g}"
+            elif ex.require is not None:  # right values; now a property of the function itself
                 reason = ex.require(fn, _copy_case(case))
             if reason is None:
                 continue
-        lines = [f"{name}: case {i} of {total} failed",
-                 f"  input:    {_show_case(case)}",
-                 f"  {reason}".replace("\n  ", "\n  "),
-                 f"  tolerance: rtol={ex.rtol:g}, atol={ex.atol:g}" if ex.compare is None else ""]
+        lines = [f"{name}: case {i} of {total} failed", f"  input:    {_show_case(case)}", f"  {reason}"]
         if ex.hint:
             lines.append(f"  hint: {ex.hint}")
-        return finish(Result(name, "failed", i - 1, total, "\n".join(l for l in lines if l), case))
+        return finish(Result(name, "failed", i - 1, total, "\n".join(lines), case))
     return finish(Result(name, "passed", total, total, f"{name}: {total}/{total} cases passed"))
 
 
