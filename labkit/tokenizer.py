@@ -122,10 +122,6 @@ class BPETokenizer:
             raise TypeError(f"BPETokenizer.encode: text must be a str, got {type(text).__name__}")
         return self._tok.encode(text).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Encode many strings at once (parallel inside `tokenizers`)."""
-        return [e.ids for e in self._tok.encode_batch(texts)]
-
     def decode(self, ids) -> str:
         ids = _ids_list(ids, "BPETokenizer.decode")
         for i in ids:

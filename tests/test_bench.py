@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
 
 import pytest
 import torch
 
 from labkit import bench, runtime
 from labkit.bench import Timing
+
+from _helpers import fake_benchmark_result, install_fake_benchmarks
 
 
 # --- timeit -----------------------------------------------------------------------------
@@ -172,22 +172,13 @@ def test_record_keeps_the_column_order_of_each_result(tmp_path):
 
 @pytest.fixture
 def fake_benchmarks(monkeypatch):
-    calls = []
-
-    def run(quick: bool = False):
-        calls.append(quick)
-        return [{"name": "fake", "n": 8 if quick else 4096, "median_ms": 0.5}]
-
-    module = types.ModuleType("labkit.benchmarks.fake_bench")
-    module.run = run
-    monkeypatch.setitem(sys.modules, "labkit.benchmarks.fake_bench", module)
-    return calls
+    return install_fake_benchmarks(monkeypatch)
 
 
 def test_run_chapter_runs_and_records(tmp_path, monkeypatch, fake_benchmarks):
     monkeypatch.setenv("LABKIT_DATA", str(tmp_path))
     results = bench.run_chapter("07-fake-bench", quick=True)
-    assert results == [{"name": "fake", "n": 8, "median_ms": 0.5}] and fake_benchmarks == [True]
+    assert results == fake_benchmark_result(quick=True) and fake_benchmarks == [True]
     assert bench.load("07-fake-bench", "cpu")["results"] == results
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import tomllib
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 from labkit import book, student
 from labkit.book import BookError
 
-ROOT = Path(__file__).resolve().parent.parent
+from _helpers import ROOT, chapter, create_files, write_book
 
 # The chapters of the course, in order (the issue's list).
 COURSE_IDS = [
@@ -27,62 +26,7 @@ TECHNIQUE_PACKAGES = ("perf", "optim", "train", "parallel", "kernels", "attentio
                       "quant", "edge", "theory")
 
 
-# --- building tiny manifests ------------------------------------------------------------
-
-
-def _value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)
-    if isinstance(v, list):
-        return "[" + ", ".join(_value(x) for x in v) + "]"
-    raise TypeError(v)
-
-
-def chapter(cid: str, part: int = 1, status: str = "planned", **fields) -> dict:
-    slug = cid[3:].replace("-", "_")
-    c = dict(id=cid, title=f"Chapter {cid}", part=part, sources=["An article"],
-             modules=[f"labkit.tiny.{slug}"], solution=f"solutions/{cid}.ipynb",
-             notebook=f"notebooks/{cid}.ipynb", tests=[f"tests/test_{slug}.py"], device="cpu",
-             minutes=30, status=status)
-    c.update(fields)
-    return c
-
-
-def manifest(chapters: list[dict], parts=((1, "One"),), title="Tiny book") -> str:
-    lines = ["[book]", f"title = {_value(title)}", ""]
-    for number, ptitle in parts:
-        lines += ["[[parts]]", f"number = {_value(number)}", f"title = {_value(ptitle)}", ""]
-    for c in chapters:
-        lines.append("[[chapters]]")
-        lines += [f"{k} = {_value(v)}" for k, v in c.items()]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def create_files(root: Path, c: dict, skip: tuple[str, ...] = ()) -> None:
-    """The files a draft/complete chapter names (minus the keys in `skip`)."""
-    paths = []
-    if "solution" not in skip:
-        paths.append(c["solution"])
-    if "notebook" not in skip:
-        paths.append(c["notebook"])
-    if "tests" not in skip:
-        paths += c["tests"]
-    if "modules" not in skip:
-        paths += [m.replace(".", "/") + ".py" for m in c["modules"]]
-    for p in paths:
-        (root / p).parent.mkdir(parents=True, exist_ok=True)
-        (root / p).write_text("{}\n" if p.endswith(".ipynb") else "")
-
-
-def write_book(root: Path, chapters: list[dict], **kw) -> Path:
-    path = root / "book.toml"
-    path.write_text(manifest(chapters, **kw), encoding="utf-8")
-    return path
+# --- tiny manifests (built with tests/_helpers.py) -------------------------------------
 
 
 def load_error(root: Path, chapters: list[dict], **kw) -> str:
@@ -303,7 +247,7 @@ def test_every_technique_module_belongs_to_a_chapter():
     for package in TECHNIQUE_PACKAGES:
         folder = ROOT / "labkit" / package
         for path in sorted(folder.rglob("*.py")) if folder.exists() else []:
-            if path.name == "__init__.py":
+            if path.name.startswith("_"):  # __init__ and private helpers (e.g. optim/_checks.py)
                 continue
             module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
             if module not in listed:

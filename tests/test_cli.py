@@ -4,50 +4,17 @@ from __future__ import annotations
 
 import json
 import re
-import sys
-import types
 from pathlib import Path
 
 import pytest
 
 from labkit import bench, cli, runtime, student
 
-ROOT = Path(__file__).resolve().parent.parent
+from _helpers import ROOT, chapter, create_files, fake_benchmark_result, install_fake_benchmarks, write_book
 
-TINY = """\
-[book]
-title = "Tiny course"
-
-[[parts]]
-number = 1
-title = "First things"
-
-[[chapters]]
-id = "01-alpha"
-title = "Alpha"
-part = 1
-sources = ["An article"]
-modules = ["labkit.tiny.alpha"]
-solution = "solutions/01-alpha.ipynb"
-notebook = "notebooks/01-alpha.ipynb"
-tests = ["tests/test_alpha.py"]
-device = "cpu"
-minutes = 30
-status = "draft"
-
-[[chapters]]
-id = "02-fake-bench"
-title = "Benchmarks only"
-part = 1
-sources = ["Another article"]
-modules = ["labkit.tiny.beta"]
-solution = "solutions/02-fake-bench.ipynb"
-notebook = "notebooks/02-fake-bench.ipynb"
-tests = []
-device = "gpu"
-minutes = 10
-status = "planned"
-"""
+# A draft chapter with a notebook, and a planned one that only has (fake) benchmarks.
+CHAPTERS = [chapter("01-alpha", title="Alpha", status="draft"),
+            chapter("02-fake-bench", title="Benchmarks only", tests=[], device="gpu", minutes=10)]
 
 SOLUTION = {
     "cells": [{"cell_type": "code", "execution_count": 1, "id": "ex", "metadata": {},
@@ -59,14 +26,9 @@ SOLUTION = {
 
 @pytest.fixture
 def repo(tmp_path, monkeypatch) -> Path:
-    (tmp_path / "book.toml").write_text(TINY, encoding="utf-8")
-    for p in ("tests/test_alpha.py", "labkit/tiny/alpha.py"):
-        (tmp_path / p).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / p).write_text("")
-    (tmp_path / "solutions").mkdir()
+    write_book(tmp_path, CHAPTERS, parts=((1, "First things"),), title="Tiny course")
+    create_files(tmp_path, CHAPTERS[0])  # the notebook is a stale "{}"
     (tmp_path / "solutions/01-alpha.ipynb").write_text(json.dumps(SOLUTION))
-    (tmp_path / "notebooks").mkdir()
-    (tmp_path / "notebooks/01-alpha.ipynb").write_text("{}")  # stale
     monkeypatch.setattr(runtime, "repo_root", lambda: tmp_path)
     monkeypatch.setenv("LABKIT_DATA", str(tmp_path / "data"))
     return tmp_path
@@ -133,16 +95,7 @@ def test_student_reports_bad_markers(repo, capsys):
 
 @pytest.fixture
 def fake_bench(monkeypatch):
-    calls = []
-
-    def run(quick: bool = False):
-        calls.append(quick)
-        return [{"name": "fake kernel", "n": 8 if quick else 4096, "median_ms": 0.125}]
-
-    module = types.ModuleType("labkit.benchmarks.fake_bench")
-    module.run = run
-    monkeypatch.setitem(sys.modules, "labkit.benchmarks.fake_bench", module)
-    return calls
+    return install_fake_benchmarks(monkeypatch)
 
 
 def test_bench_runs_and_records(repo, fake_bench, capsys):
@@ -152,7 +105,7 @@ def test_bench_runs_and_records(repo, fake_bench, capsys):
     assert out.startswith("02-fake-bench on cpu: ")
     assert "name=fake kernel" in out and "n=8" in out and "median_ms=0.125" in out
     rec = bench.load("02-fake-bench", "cpu")
-    assert rec["results"] == [{"name": "fake kernel", "n": 8, "median_ms": 0.125}]
+    assert rec["results"] == fake_benchmark_result(quick=True)
     assert (repo / "data/bench/02-fake-bench.json").exists()
 
 

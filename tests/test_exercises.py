@@ -129,14 +129,21 @@ def test_crash_shows_the_exception_and_the_input():
 
 def test_slow_function_is_stopped_after_the_timeout():
     add_exercise(timeout=0.2)
+    steps = []  # the slow function's progress: interrupted before its loop ends, not after it
 
     def add(a, b):
-        time.sleep(30)
+        try:
+            for _ in range(3000):  # 30 s in all
+                time.sleep(0.01)
+                steps.append("sleep")
+        except BaseException as e:  # the timeout arrives as an exception inside the function
+            steps.append(type(e).__name__)
+            raise
+        steps.append("finished")  # (returns None: a wrong answer, should the timeout ever fail)
 
-    t0 = time.perf_counter()
     with pytest.raises(ExerciseFailed) as e:
         check("testchap.add", add, quiet=True)
-    assert time.perf_counter() - t0 < 10
+    assert "finished" not in steps and steps[-1] == exercises._CaseTimeout.__name__
     msg = str(e.value)
     assert "case 1 of 10 failed" in msg and "input:    a=0, b=0" in msg
     assert "stopped after 0.2 s" in msg
@@ -156,20 +163,24 @@ def test_endless_loop_is_stopped():
 def test_timeout_outside_the_main_thread():
     add_exercise(timeout=0.2)
     box = {}
+    release = threading.Event()  # the slow function runs until the test lets it go
 
     def slow(a, b):
-        time.sleep(2)
+        release.wait(30)
+        return a + b
 
     def worker():
         try:
             check("testchap.add", slow, quiet=True)
         except ExerciseFailed as e:
             box["msg"] = str(e)
+            box["released"] = release.is_set()  # check gave up while slow was still running
 
     t = threading.Thread(target=worker)
     t.start()
     t.join(20)
-    assert "stopped after 0.2 s" in box["msg"]
+    release.set()
+    assert "stopped after 0.2 s" in box["msg"] and box["released"] is False
 
 
 def test_check_outside_the_main_thread_grades_normally():
@@ -185,15 +196,18 @@ def test_check_keeps_an_outer_alarm_timer():
     """pytest-timeout (timeout=600 in pyproject) arms SIGALRM; check must not silently cancel it."""
     add_exercise()
     fired = []
-    previous = signal.signal(signal.SIGALRM, lambda *a: fired.append(1))
+    handler = lambda *a: fired.append(1)  # noqa: E731
+    previous = signal.signal(signal.SIGALRM, handler)
     signal.setitimer(signal.ITIMER_REAL, 100.0)
     try:
         check("testchap.add", _add, quiet=True)
         remaining = signal.getitimer(signal.ITIMER_REAL)[0]
+        still_ours = signal.getsignal(signal.SIGALRM) is handler
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-    assert remaining > 50
+    assert 0 < remaining <= 100.0  # still armed, and not pushed later than it was set
+    assert still_ours and fired == []
 
 
 def test_cases_are_seeded():

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from labkit import student
 from labkit.student import BEGIN, END, PLACEHOLDER, StudentBuildError
 
+from _helpers import chapter, create_files, write_book
+
 # --- strip_solutions ----------------------------------------------------------------------
 
 
@@ -158,57 +160,12 @@ def test_dumps_matches_nbformat():
 # --- build / stale / write on a tiny repository --------------------------------------------
 
 
-BOOK = """\
-[book]
-title = "Tiny course"
-
-[[parts]]
-number = 1
-title = "First things"
-
-[[parts]]
-number = 2
-title = "Later things"
-
-[[chapters]]
-id = "01-alpha"
-title = "Alpha, the first"
-part = 1
-sources = ["An article"]
-modules = ["labkit.tiny.alpha"]
-solution = "solutions/01-alpha.ipynb"
-notebook = "notebooks/01-alpha.ipynb"
-tests = ["tests/test_alpha.py"]
-device = "cpu"
-minutes = 30
-status = "draft"
-
-[[chapters]]
-id = "02-beta"
-title = "Beta, in progress"
-part = 2
-sources = ["Another article"]
-modules = ["labkit.tiny.beta"]
-solution = "solutions/02-beta.ipynb"
-notebook = "notebooks/02-beta.ipynb"
-tests = []
-device = "gpu"
-minutes = 45
-status = "planned"
-
-[[chapters]]
-id = "03-gamma"
-title = "Gamma, some day"
-part = 2
-sources = ["A third article"]
-modules = ["labkit.tiny.gamma"]
-solution = "solutions/03-gamma.ipynb"
-notebook = "notebooks/03-gamma.ipynb"
-tests = []
-device = "cpu"
-minutes = 20
-status = "planned"
-"""
+PARTS = ((1, "First things"), (2, "Later things"))
+CHAPTERS = [
+    chapter("01-alpha", title="Alpha, the first", status="draft"),
+    chapter("02-beta", part=2, title="Beta, in progress", tests=[], device="gpu", minutes=45),
+    chapter("03-gamma", part=2, title="Gamma, some day", tests=[], minutes=20),
+]
 
 
 def _write_nb(path: Path, nb: dict) -> None:
@@ -219,10 +176,8 @@ def _write_nb(path: Path, nb: dict) -> None:
 @pytest.fixture
 def repo(tmp_path) -> Path:
     """book.toml + solutions/ (+ the draft chapter's other files) + an up-to-date notebooks/."""
-    (tmp_path / "book.toml").write_text(BOOK, encoding="utf-8")
-    for p in ("tests/test_alpha.py", "labkit/tiny/alpha.py"):
-        (tmp_path / p).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / p).write_text("")
+    write_book(tmp_path, CHAPTERS, parts=PARTS, title="Tiny course")
+    create_files(tmp_path, CHAPTERS[0], skip=("solution", "notebook"))
     _write_nb(tmp_path / "solutions/01-alpha.ipynb", solution_notebook())
     _write_nb(tmp_path / "solutions/02-beta.ipynb",
               solution_notebook(f"def half(x):\n    {BEGIN}\n    return x / 2\n    {END}\n"))
@@ -301,10 +256,9 @@ def test_write_creates_the_notebook_of_a_new_draft_chapter(repo):
     """An author adds solutions/02-beta.ipynb, marks the chapter draft, runs `labkit student`:
     the build must create notebooks/02-beta.ipynb, not refuse because it does not exist yet."""
     (repo / "notebooks/02-beta.ipynb").unlink()
-    text = (repo / "book.toml").read_text()
-    text = text.replace('tests = []\ndevice = "gpu"\nminutes = 45\nstatus = "planned"',
-                        'tests = ["tests/test_alpha.py"]\ndevice = "gpu"\nminutes = 45\nstatus = "draft"')
-    (repo / "book.toml").write_text(text.replace('"labkit.tiny.beta"', '"labkit.tiny.alpha"'))
+    alpha, beta, gamma = CHAPTERS
+    beta = {**beta, "status": "draft", "tests": alpha["tests"], "modules": alpha["modules"]}  # files that exist
+    write_book(repo, [alpha, beta, gamma], parts=PARTS, title="Tiny course")
     assert "02-beta.ipynb: missing" in student.stale(repo)
     assert sorted(p.name for p in student.write(repo)) == ["00-start.ipynb", "02-beta.ipynb"]  # beta now linked
     assert student.stale(repo) == []

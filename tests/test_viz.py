@@ -7,7 +7,9 @@ import plotly.graph_objects as go
 import pytest
 
 from labkit import bench, viz
-from labkit.viz import bench_table, slider_panel, timeline_figure
+from labkit.viz.bench import bench_table
+from labkit.viz.panel import slider_panel
+from labkit.viz.timeline import timeline_figure
 
 # --- slider_panel -------------------------------------------------------------------------
 
@@ -28,7 +30,7 @@ def test_panel_builds_a_figure_widget_over_its_controls():
     assert list(box.children[-1].children) == [n, scale]
     assert box.figure.data[0].y == (0.0, 2.0, 8.0)
     assert box.figure.layout.title.text == "n=3, scale=2.0"
-    assert viz.slider_panel is slider_panel
+    assert viz.slider_panel is slider_panel  # re-exported by labkit.viz
 
 
 def test_moving_a_control_updates_the_same_figure_in_place():
@@ -125,7 +127,7 @@ def test_timeline_one_trace_per_kind_on_lanes():
     assert len({t.marker.color for t in fig.data}) == 3
     assert list(fig.layout.yaxis.categoryarray) == ["rank 2", "rank 1", "rank 0"]  # first lane on top
     assert fig.layout.title.text == "GPipe" and fig.layout.xaxis.title.text == "ms"
-    assert viz.timeline_figure is timeline_figure
+    assert viz.timeline_figure is timeline_figure  # re-exported by labkit.viz
 
 
 def test_timeline_height_grows_with_lanes():
@@ -178,4 +180,4 @@ def test_bench_table_of_a_record(tmp_path):
     title = fig.layout.title.text
     assert rec["meta"]["device"] in title and rec["meta"]["torch"] in title and rec["meta"]["date"][:10] in title
     assert bench_table(rec, title="mine").layout.title.text == "mine"
-    assert viz.bench_table is bench_table
+    assert viz.bench_table is bench_table  # re-exported by labkit.viz
