@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from labkit.perf import roofline as rl
@@ -141,6 +143,19 @@ def test_decoder_layer_ops_sides_of_the_ridge():
     mha = {op.name: op for op in decode}
     assert gqa["attention (KV cache)"].bytes < mha["attention (KV cache)"].bytes
     assert gqa["QKV proj"].flops < mha["QKV proj"].flops
+
+
+def test_decoder_weight_shapes_by_hand():
+    assert rl.decoder_weight_shapes(64) == {"QKV proj": (64, 192), "out proj": (64, 64), "MLP up": (64, 256),
+                                            "MLP down": (256, 64)}
+    gqa = rl.decoder_weight_shapes(64, ffn_hidden=96, kv_dim=16)
+    assert gqa == {"QKV proj": (64, 96), "out proj": (64, 64), "MLP up": (64, 96), "MLP down": (96, 64)}
+    # decoder_layer_ops runs each weight as a (tokens, K) @ (K, N) GEMM
+    ops = {op.name: op for op in rl.decoder_layer_ops(2, 8, 256, heads=4, kv_heads=2, ffn_hidden=512, dtype=4)}
+    for name, (K, N) in rl.decoder_weight_shapes(256, ffn_hidden=512, kv_dim=2 * 64).items():
+        assert ops[name] == rl.gemm(2 * 8, N, K, dtype=4, name=name)
+    with pytest.raises(ValueError, match="decoder_weight_shapes: kv_dim must be an int >= 1, got 0"):
+        rl.decoder_weight_shapes(64, kv_dim=0)
 
 
 def test_op_addition():
@@ -298,6 +313,15 @@ def test_fused_attention_never_moves_more_bytes(B, H, T, D):
     (lambda: rl.measure_op("gemm", M=4, N=4, K=-1), ValueError, "K must be"),
     (lambda: rl.measure_op("elementwise", n=4, repeats=0), ValueError, "repeats"),
     (lambda: rl.measure_op("elementwise", n=4, stat="mean"), ValueError, "stat"),
+    (lambda: rl.measure_op("gemm", M=4, N=4, K=4, fused=True), TypeError, r"'gemm' does not take \['fused'\]"),
+    (lambda: rl.measure_op("softmax", rows=4, cols=4, kv_heads=2), TypeError, r"does not take \['kv_heads'\]"),
+    (lambda: rl.measure_op("attention", batch=1, heads=2, seq_len=4, head_dim=4, kv_heads=1), TypeError,
+     r"'attention' does not take \['kv_heads'\]"),
+    (lambda: rl.measure_op("decode_attention", batch=1, heads=2, kv_len=4, head_dim=4, fused=False), TypeError,
+     r"does not take \['fused'\]"),
+    (lambda: rl.measure_op("attention", batch=1, heads=2, seq_len=4, head_dim=4, fused=1), TypeError, "fused"),
+    (lambda: rl.measure_op("decode_attention", batch=1, heads=2, kv_len=4, head_dim=4, kv_heads=0), ValueError,
+     "kv_heads must be an int >= 1, got 0"),
 ])
 def test_bad_inputs_name_the_argument(call, exc, match):
     with pytest.raises(exc, match=match):
@@ -337,6 +361,64 @@ def test_measure_op_counts_match_the_model():
                       batch=1, heads=2, seq_len=8, head_dim=4, fused=True)
     assert m.op == rl.attention(1, 2, 8, 4, fused=True, dtype=torch.float32)
     assert m.extra["stat"] == "min" and m.seconds > 0
+
+
+class _NewTensorsOf(TorchDispatchMode):
+    """Counts ATen results with `numel` elements that are new memory (not a view of an input)."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        self.count += sum(isinstance(t, torch.Tensor) and t.numel() == self.numel
+                          and t.untyped_storage().data_ptr() not in inputs for t in tree_leaves(out))
+        return out
+
+
+def test_naive_attention_writes_the_scores_twice():
+    """The model counts S and P, each written once and read once: exactly two (B, H, T, T) results."""
+    B, H, T, D = 1, 2, 8, 4
+    op, fn = rl._setup_op("attention", dict(batch=B, heads=H, seq_len=T, head_dim=D, fused=False),
+                          torch.float32, torch.device("cpu"))
+    with _NewTensorsOf(B * H * T * T) as mode:
+        fn()
+    assert mode.count == 2
+    assert op.bytes - rl.attention(B, H, T, D, dtype=4).bytes == 2 * mode.count * B * H * T * T * 4
+
+
+def test_tf32_switch_restores_the_precision():
+    saved = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        with rl._allow_tf32(True):
+            assert torch.get_float32_matmul_precision() == "high"
+        assert torch.get_float32_matmul_precision() == "medium"
+        with rl._allow_tf32(False):
+            assert torch.get_float32_matmul_precision() == "highest"
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"),
+                    reason="per-backend fp32_precision API needs torch >= 2.9")
+def test_tf32_switch_after_the_per_backend_api():
+    """Once a user sets the CUDA backend's fp32_precision, the global getter (and the legacy
+    allow_tf32 switch) raise on torch >= 2.9; measuring must still work and restore it."""
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        with rl._allow_tf32(False):
+            assert matmul.fp32_precision == "ieee"
+        assert matmul.fp32_precision == "tf32"
+        m = rl.measure_op("gemm", device="cpu", dtype="tf32", warmup=0, repeats=1, M=8, N=8, K=8)
+        assert m.dtype == "tf32" and m.seconds > 0 and matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = saved
 
 
 def test_probe_device_small():

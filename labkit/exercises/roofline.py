@@ -82,8 +82,8 @@ def decode_critical_batch(weights: list[tuple[int, int]], peak_flops: float, ban
 
 
 def _layer(h: int, f: int | None = None) -> list[tuple[int, int]]:
-    f = 4 * h if f is None else f
-    return [(h, 3 * h), (h, h), (h, f), (f, h)]  # QKV, out, MLP up, MLP down as (K, N)
+    """QKV, out, MLP up, MLP down of a multi-head layer as (K, N)."""
+    return list(rl.decoder_weight_shapes(h, ffn_hidden=f).values())
 
 
 def _critical_cases(rng):

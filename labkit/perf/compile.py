@@ -9,7 +9,7 @@
    runs in ordinary Python, and capture resumes after it. Each compiled graph is stored with
    *guards* (input shapes, dtypes, Python constants it specialised on); a call that fails the
    guards of every cached graph is *recompiled* (up to `torch._dynamo.config.recompile_limit`,
-   8, graphs per code object; after that the frame runs eagerly).
+   8 by default, graphs per code object; after that the frame runs eagerly).
 2. **AOTAutograd** traces the graph to ATen operators (the forward, and the backward when
    gradients are needed), functionalizes it and decomposes it into a smaller core op set.
 3. **Inductor** lowers the ATen graph to a loop-level IR, groups pointwise and reduction ops
@@ -25,7 +25,7 @@ An ExportedProgram is saved as a `.pt2` archive; AOTInductor compiles it into a 
 library packaged in a `.pt2` that runs without Dynamo.
 
 This module makes each stage inspectable: capture the FX graphs (`capture_graphs`), list graph
-breaks (`graph_breaks`), count compilations and predict them (`count_compiles`,
+breaks (`graph_breaks`), count compilations and predict them (`count_compiles`, `generation_sizes`,
 `predict_compiles`), read Inductor's generated code and count its kernels (`inductor_code`,
 `count_fused_kernels`), export with dynamic dims, save/load and package (`export_program`,
 `signature_table`, `dim_ranges`, `save_and_load`, `aoti_package`).
@@ -67,7 +67,19 @@ import torch.fx
 
 MODES = ("static", "auto", "dynamic")  # names for torch.compile(dynamic=False | None | True)
 DYNAMIC_ARG = {"static": False, "auto": None, "dynamic": True}
-RECOMPILE_LIMIT = 8  # torch._dynamo.config.recompile_limit's default (cache_size_limit before 2.6)
+
+
+def recompile_limit() -> int:
+    """Dynamo's graphs-per-function limit now: torch._dynamo.config.recompile_limit (named
+    cache_size_limit before torch 2.6); 8, its default, if this torch has neither."""
+    for name in ("recompile_limit", "cache_size_limit"):
+        value = getattr(torch._dynamo.config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+    return 8
+
+
+RECOMPILE_LIMIT = recompile_limit()  # the value when labkit was imported (8 unless configured)
 
 # A kernel definition in Inductor's output code, e.g.
 #   cpp_fused_add_gelu_0 = async_compile.cpp_pybinding(['float*', ...], r'''
@@ -334,7 +346,7 @@ def count_compiles(fn: Callable, calls: Sequence, *, dynamic: bool | None = None
     return CompileLog(mode, per_call, list(recorder.graphs))
 
 
-def simulate_compiles(sizes: Sequence[int], mode: str, *, limit: int = RECOMPILE_LIMIT) -> list[bool]:
+def simulate_compiles(sizes: Sequence[int], mode: str, *, limit: int | None = None) -> list[bool]:
     """Which calls compile, for calls whose one varying dim takes `sizes` in turn (a model of Dynamo's cache).
 
     - a call reuses a cached graph when its size equals a specialised graph's size, or a
@@ -344,13 +356,15 @@ def simulate_compiles(sizes: Sequence[int], mode: str, *, limit: int = RECOMPILE
     - "dynamic": sizes >= 2 share one dynamic graph;
     - "auto": the first compile specialises; any later miss marks the dim dynamic, so a
       size >= 2 then compiles the shared dynamic graph;
-    - after `limit` graphs a miss is not compiled: the call runs eagerly.
+    - after `limit` graphs (default: recompile_limit(), Dynamo's current setting) a miss is not
+      compiled: the call runs eagerly.
 
     The model assumes the other input sizes never equal the varying one: with dynamic dims
     Dynamo gives equal sizes one symbol ("duck sizing"), which adds an equality guard.
     """
     if mode not in MODES:
         raise ValueError(f"simulate_compiles: mode must be one of {MODES}, got {mode!r}")
+    limit = recompile_limit() if limit is None else limit
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
         raise ValueError(f"simulate_compiles: limit must be a positive int, got {limit!r}")
     sizes = list(sizes)
@@ -378,9 +392,18 @@ def simulate_compiles(sizes: Sequence[int], mode: str, *, limit: int = RECOMPILE
     return out
 
 
-def predict_compiles(sizes: Sequence[int], mode: str, *, limit: int = RECOMPILE_LIMIT) -> int:
+def predict_compiles(sizes: Sequence[int], mode: str, *, limit: int | None = None) -> int:
     """How many graphs `torch.compile(fn, dynamic=...)` builds for calls with these sizes (see simulate_compiles)."""
     return sum(simulate_compiles(sizes, mode, limit=limit))
+
+
+def generation_sizes(prompt_len: int, new_tokens: int) -> list[int]:
+    """Sequence lengths a model without a KV cache sees while generating: T0, T0+1, ..., T0+n-1."""
+    if not isinstance(prompt_len, int) or isinstance(prompt_len, bool) or prompt_len < 1:
+        raise ValueError(f"generation_sizes: prompt_len must be an int >= 1, got {prompt_len!r}")
+    if not isinstance(new_tokens, int) or isinstance(new_tokens, bool) or new_tokens < 1:
+        raise ValueError(f"generation_sizes: new_tokens must be an int >= 1, got {new_tokens!r}")
+    return [prompt_len + i for i in range(new_tokens)]
 
 
 # --- 4. Inductor's generated code -------------------------------------------------------
@@ -508,6 +531,26 @@ def inductor_cache_dir() -> str:
     return cache_dir()
 
 
+def max_rel_diff(out: Any, ref: Any) -> float:
+    """max |out - ref| / max |ref| over two tensors (or equal-length tuples of tensors).
+
+    One number for "how far is a compiled result from eager" that a dtype's precision bounds:
+    bf16 keeps 8 significant bits (a relative step of 2**-8 to 2**-7), fp32 keeps 24.
+    0.0 when both are zero; inf when only ref is.
+    """
+    err = max_abs_diff(out, ref)
+    scale = _max_abs(ref)
+    if scale == 0.0:
+        return 0.0 if err == 0.0 else math.inf
+    return err / scale
+
+
+def _max_abs(x: Any) -> float:
+    if isinstance(x, torch.Tensor):
+        return x.detach().float().abs().max().item() if x.numel() else 0.0
+    return max((_max_abs(t) for t in x), default=0.0)
+
+
 def max_abs_diff(a: Any, b: Any) -> float:
     """Largest |a - b| over two tensors (or equal-length tuples of tensors)."""
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
@@ -613,15 +656,16 @@ def aoti_package(ep: torch.export.ExportedProgram, path: str | os.PathLike, *,
     """AOT-compile `ep` with AOTInductor into a .pt2 package and load it back.
 
     Returns AOTIPackage(ok=False, reason=...) (and warns) when this platform cannot build
-    it, e.g. no C++ compiler for a CPU package: callers report the reason and skip.
+    it, e.g. no C++ compiler (every package, CPU or GPU, compiles a C++ wrapper), or the
+    build fails: callers report the reason and skip.
     """
     _require_ep("aoti_package", ep)
     path = Path(path)
     if path.suffix != ".pt2":
         raise ValueError(f"aoti_package: path should end in .pt2, got {str(path)!r}")
-    on_gpu = any(getattr(n.meta.get("val"), "is_cuda", False) for n in ep.graph.nodes if n.op == "placeholder")
-    if not on_gpu and not (shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++") or shutil.which("clang++")):
-        reason = "no C++ compiler (g++/c++/clang++) on PATH: AOTInductor needs one to build a CPU package"
+    # Every package has a C++ wrapper (and, on a CPU, C++ kernels): a GPU package needs the compiler too.
+    if not (shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++") or shutil.which("clang++")):
+        reason = "no C++ compiler (g++/c++/clang++) on PATH: AOTInductor needs one to build its C++ wrapper"
         warnings.warn(f"aoti_package: skipped: {reason}", RuntimeWarning, stacklevel=2)
         return AOTIPackage(False, None, None, reason)
     try:
@@ -648,7 +692,8 @@ def aoti_package(ep: torch.export.ExportedProgram, path: str | os.PathLike, *,
 __all__ = [
     "AOTIPackage", "BreakReport", "Capture", "CompileLog", "GraphBreak", "GraphRecorder", "InductorCode",
     "DYNAMIC_ARG", "MODES", "RECOMPILE_LIMIT", "aoti_package", "capture_graphs", "count_compiles", "count_fused_kernels",
-    "dim_ranges", "export_program", "graph_breaks", "inductor_code", "kernel_languages", "kernel_names",
-    "inductor_cache_dir", "kernel_source", "library_calls", "max_abs_diff", "op_histogram", "op_name", "predict_compiles",
-    "quiet_dynamo", "readable_code", "save_and_load", "signature_counts", "signature_table", "simulate_compiles",
+    "dim_ranges", "export_program", "generation_sizes", "graph_breaks", "inductor_code", "kernel_languages",
+    "kernel_names", "inductor_cache_dir", "kernel_source", "library_calls", "max_abs_diff", "max_rel_diff",
+    "op_histogram", "op_name", "predict_compiles", "quiet_dynamo", "readable_code", "recompile_limit",
+    "save_and_load", "signature_counts", "signature_table", "simulate_compiles",
 ]

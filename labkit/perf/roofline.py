@@ -249,6 +249,26 @@ def decode_attention(batch: int, heads: int, kv_len: int, head_dim: int, *, kv_h
     return Op(name or f"decode attention L={kv_len}", flops, nbytes)
 
 
+def decoder_weight_shapes(hidden: int, *, ffn_hidden: int | None = None,
+                          kv_dim: int | None = None) -> dict[str, tuple[int, int]]:
+    """The weight matrices of one decoder layer as (K, N): a GEMM (tokens, K) @ (K, N) each.
+
+    QKV projection (h -> h + 2 kv_dim), output projection (h -> h), MLP up (h -> f) and MLP
+    down (f -> h), keyed by the names decoder_layer_ops gives their GEMMs. ffn_hidden (f)
+    defaults to 4 * hidden, kv_dim to hidden (multi-head attention; GQA makes it smaller).
+    """
+    where = "decoder_weight_shapes"
+    _pos_int(where, "hidden", hidden)
+    f = 4 * hidden if ffn_hidden is None else _pos_int(where, "ffn_hidden", ffn_hidden)
+    kv = hidden if kv_dim is None else _pos_int(where, "kv_dim", kv_dim)
+    return {
+        "QKV proj": (hidden, hidden + 2 * kv),  # (t, h) @ (h, h + 2 kv)
+        "out proj": (hidden, hidden),  # (t, h) @ (h, h)
+        "MLP up": (hidden, f),  # (t, h) @ (h, f)
+        "MLP down": (f, hidden),  # (t, f) @ (f, h)
+    }
+
+
 def decoder_layer_ops(batch: int, seq_len: int, hidden: int, *, heads: int | None = None,
                       kv_heads: int | None = None, ffn_hidden: int | None = None, phase: str = "prefill",
                       fused_attention: bool = True, dtype=torch.bfloat16) -> list[Op]:
@@ -281,16 +301,18 @@ def decoder_layer_ops(batch: int, seq_len: int, hidden: int, *, heads: int | Non
             attn = Op("attention", attn.flops, attn.bytes - 2 * batch * (heads - kv_heads) * seq_len * D * s)
     else:
         attn = decode_attention(batch, heads, seq_len, D, kv_heads=kv_heads, dtype=s, name="attention (KV cache)")
+    w = {name: gemm(tokens, N, K, dtype=s, name=name)  # (tokens, K) @ (K, N)
+         for name, (K, N) in decoder_weight_shapes(hidden, ffn_hidden=ffn, kv_dim=kv_dim).items()}
     return [
         norm(tokens, hidden, kind="rms", dtype=s, name="rmsnorm"),
-        gemm(tokens, hidden + 2 * kv_dim, hidden, dtype=s, name="QKV proj"),  # (t, h) @ (h, h + 2 kv)
+        w["QKV proj"],
         attn,
-        gemm(tokens, hidden, hidden, dtype=s, name="out proj"),  # (t, h) @ (h, h)
+        w["out proj"],
         elementwise(tokens * hidden, dtype=s, name="residual add"),
         norm(tokens, hidden, kind="rms", dtype=s, name="rmsnorm 2"),
-        gemm(tokens, ffn, hidden, dtype=s, name="MLP up"),  # (t, h) @ (h, f)
+        w["MLP up"],
         elementwise(tokens * ffn, n_inputs=1, flops_per_element=8, dtype=s, name="GELU"),
-        gemm(tokens, hidden, ffn, dtype=s, name="MLP down"),  # (t, f) @ (f, h)
+        w["MLP down"],
         elementwise(tokens * hidden, dtype=s, name="residual add 2"),
     ]
 
@@ -347,7 +369,6 @@ A100_SXM_80GB = Device(
     2.039e12,
     source="NVIDIA A100 Tensor Core GPU datasheet (SXM4 80GB)",
 )
-PRESETS: dict[str, Device] = {d.name: d for d in (H100_SXM, A100_SXM_80GB)}
 
 
 def _check_device(where: str, device) -> Device:
@@ -397,17 +418,35 @@ def _torch_dtype(where: str, dtype) -> torch.dtype:
 
 
 class _allow_tf32:
-    """Let fp32 matmuls use TF32 tensor cores inside the block when `on` (restored after)."""
+    """Let fp32 matmuls use TF32 tensor cores inside the block when `on`, forbid it otherwise
+    (the previous setting is restored after).
+
+    Uses torch.set_float32_matmul_precision ("high" allows TF32, "highest" forbids it), not the
+    legacy torch.backends.cuda.matmul.allow_tf32 switch, which raises on torch >= 2.9 once the
+    per-backend `fp32_precision` API has been used. When that API has left the global setting
+    unreadable (it raises then too), the CUDA matmul backend's own setting is saved and set.
+    """
 
     def __init__(self, on: bool):
         self.on = on
 
     def __enter__(self):
-        self.saved = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = self.on
+        try:
+            self.saved = ("global", torch.get_float32_matmul_precision())
+        except RuntimeError:  # torch >= 2.9: the per-backend and the global settings disagree
+            matmul = torch.backends.cuda.matmul
+            self.saved = ("cuda", matmul.fp32_precision)
+            matmul.fp32_precision = "tf32" if self.on else "ieee"
+            return self
+        torch.set_float32_matmul_precision("high" if self.on else "highest")
+        return self
 
     def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32 = self.saved
+        kind, value = self.saved
+        if kind == "global":
+            torch.set_float32_matmul_precision(value)
+        else:
+            torch.backends.cuda.matmul.fp32_precision = value
 
 
 def _default_dtype() -> torch.dtype:
@@ -495,12 +534,16 @@ def _setup_op(kind: str, shape: dict, dtype: torch.dtype, dev: torch.device) -> 
     def rand(*size):
         return torch.randn(*size, device=dev).to(dtype)
 
-    def need(*names):
+    def need(*names, optional=()):
+        """The required shape arguments of this kind, in order; optional ones are read by the caller."""
+        extra = sorted(set(shape) - set(names) - set(optional))
+        if extra:
+            takes = f"{names} (optional: {optional})" if optional else f"{names}"
+            raise TypeError(f"measure_op: kind {kind!r} does not take {extra}; it takes shape arguments {takes}")
         missing = [n for n in names if n not in shape]
-        extra = sorted(set(shape) - set(names) - {"fused", "kv_heads"})
-        if missing or extra:
+        if missing:
             raise ValueError(f"measure_op: kind {kind!r} takes shape arguments {names}, "
-                             f"got {sorted(shape)}")
+                             f"missing {missing} (got {sorted(shape)})")
         return [shape[n] for n in names]
 
     if kind == "gemm":
@@ -531,22 +574,22 @@ def _setup_op(kind: str, shape: dict, dtype: torch.dtype, dev: torch.device) -> 
             return op, lambda: F.rms_norm(x, (hidden,), w)
         return op, lambda: F.layer_norm(x, (hidden,), w, b)
     if kind == "attention":
-        batch, heads, seq_len, head_dim = need("batch", "heads", "seq_len", "head_dim")
-        fused = shape.get("fused", True)
+        batch, heads, seq_len, head_dim = need("batch", "heads", "seq_len", "head_dim", optional=("fused",))
+        fused = shape.get("fused", True)  # attention() checks it is a bool
         op = attention(batch, heads, seq_len, head_dim, fused=fused, dtype=dtype)
         q, k, v = (rand(batch, heads, seq_len, head_dim) for _ in range(3))  # (B, H, T, D)
         if fused:
             return op, lambda: F.scaled_dot_product_attention(q, k, v)
         scale = head_dim ** -0.5
 
-        def naive():
-            s = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, T) in memory
+        def naive():  # the model's T x T traffic: S written and read, P written and read
+            s = (q * scale) @ k.transpose(-2, -1)  # (B, H, T, T) in memory; scaling q adds only (B, H, T, D)
             return torch.softmax(s, dim=-1) @ v  # (B, H, T, D)
         return op, naive
     if kind == "decode_attention":
-        batch, heads, kv_len, head_dim = need("batch", "heads", "kv_len", "head_dim")
-        kv_heads = shape.get("kv_heads") or heads
-        op = decode_attention(batch, heads, kv_len, head_dim, kv_heads=kv_heads, dtype=dtype)
+        batch, heads, kv_len, head_dim = need("batch", "heads", "kv_len", "head_dim", optional=("kv_heads",))
+        op = decode_attention(batch, heads, kv_len, head_dim, kv_heads=shape.get("kv_heads"), dtype=dtype)  # checks it
+        kv_heads = heads if shape.get("kv_heads") is None else shape["kv_heads"]
         q = rand(batch, heads, 1, head_dim)  # (B, H, 1, D)
         k, v = rand(batch, kv_heads, kv_len, head_dim), rand(batch, kv_heads, kv_len, head_dim)  # (B, Hkv, L, D)
         if kv_heads != heads:  # enable_gqa needs torch >= 2.5
@@ -597,7 +640,8 @@ def gemm_critical_batch(N: int, K: int, ridge: float, *, dtype=torch.bfloat16) -
 
     I(M) = 2 M N K / (size (M K + K N + M N)) grows with M towards 2 N K / (size (N + K)); solving
     I(M) = R gives M* = R size N K / (2 N K - R size (N + K)). Exact (rational) arithmetic decides
-    the boundary, so the answer is the true smallest integer.
+    the boundary: I(M) >= R  <=>  M >= M* (when the denominator is positive), so ceil(M*),
+    computed on Fractions, is the true smallest integer.
     """
     where = "gemm_critical_batch"
     _pos_int(where, "N", N)
@@ -610,36 +654,25 @@ def gemm_critical_batch(N: int, K: int, ridge: float, *, dtype=torch.bfloat16) -
     denom = 2 * N * K - R * s * (N + K)
     if denom <= 0:
         return math.inf
-
-    def reached(M: int) -> bool:
-        return 2 * M * N * K >= R * s * (M * K + K * N + M * N)
-
-    m = max(1, math.ceil(R * s * N * K / denom))
-    while m > 1 and reached(m - 1):
-        m -= 1
-    while not reached(m):
-        m += 1
-    return m
+    return math.ceil(R * s * N * K / denom)  # exact: a Fraction's ceiling; >= 1 since R, s > 0
 
 
 def decode_critical_batch(device: Device, hidden: int, *, ffn_hidden: int | None = None,
                           kv_dim: int | None = None, dtype=torch.bfloat16) -> float:
     """Decode batch at which every weight GEMM of a decoder layer is compute-bound on `device`.
 
-    The layer's GEMMs: QKV (h -> h + 2 kv_dim), out (h -> h), MLP up (h -> f), MLP down (f -> h).
-    The smallest matrix (the out projection) needs the largest batch. Roughly batch ~ ridge *
-    size / 2 (~ 295 in bf16 on an H100). Attention over the KV cache is not included: its
-    intensity does not grow with the batch at all.
+    The layer's GEMMs (decoder_weight_shapes): QKV (h -> h + 2 kv_dim), out (h -> h), MLP up
+    (h -> f), MLP down (f -> h). The smallest matrix (the out projection) needs the largest
+    batch. Roughly batch ~ ridge * size / 2 (~ 295 in bf16 on an H100). Attention over the KV
+    cache is not included: its intensity does not grow with the batch at all.
     """
     where = "decode_critical_batch"
     _check_device(where, device)
     _pos_int(where, "hidden", hidden)
-    ffn = 4 * hidden if ffn_hidden is None else _pos_int(where, "ffn_hidden", ffn_hidden)
-    kv = hidden if kv_dim is None else _pos_int(where, "kv_dim", kv_dim)
+    weights = decoder_weight_shapes(hidden, ffn_hidden=ffn_hidden, kv_dim=kv_dim)  # name -> (K, N)
     R = device.ridge(dtype)
     s = bytes_per_element(dtype, where=where)
-    weights = [(hidden, hidden + 2 * kv), (hidden, hidden), (hidden, ffn), (ffn, hidden)]  # (K, N)
-    return max(gemm_critical_batch(N, K, R, dtype=s) for K, N in weights)
+    return max(gemm_critical_batch(N, K, R, dtype=s) for K, N in weights.values())
 
 
 def training_flops(n_params: float, n_tokens: float) -> float:
@@ -687,9 +720,9 @@ def decode_step_op(n_params: float, *, batch: int, kv_len: int, n_layers: int, d
 
 
 __all__ = [
-    "A100_SXM_80GB", "DTYPE_BYTES", "Device", "H100_SXM", "MEASURABLE", "Measurement", "Op", "PRESETS",
+    "A100_SXM_80GB", "DTYPE_BYTES", "Device", "H100_SXM", "MEASURABLE", "Measurement", "Op",
     "attainable", "attention", "bytes_per_element", "decode_attention", "decode_critical_batch",
-    "decode_step_op", "decoder_layer_ops", "dtype_name", "elementwise", "gemm", "gemm_critical_batch",
-    "gemv", "is_memory_bound", "kv_cache_bytes_per_token", "measure_op", "norm", "probe_device",
+    "decode_step_op", "decoder_layer_ops", "decoder_weight_shapes", "dtype_name", "elementwise", "gemm",
+    "gemm_critical_batch", "gemv", "is_memory_bound", "kv_cache_bytes_per_token", "measure_op", "norm", "probe_device",
     "ridge_point", "roofline_time", "softmax", "training_flops", "training_step_op",
 ]

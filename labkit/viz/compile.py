@@ -12,21 +12,14 @@ _COLORS = {"static": "#d62728", "auto": "#1f77b4", "dynamic": "#2ca02c"}
 _LABELS = {"static": "dynamic=False", "auto": "dynamic=None (automatic)", "dynamic": "dynamic=True"}
 
 
-def generation_sizes(prompt_len: int, new_tokens: int) -> list[int]:
-    """Sequence lengths a model without a KV cache sees while generating: T0, T0+1, ..., T0+n-1."""
-    if not isinstance(prompt_len, int) or prompt_len < 1:
-        raise ValueError(f"generation_sizes: prompt_len must be an int >= 1, got {prompt_len!r}")
-    if not isinstance(new_tokens, int) or new_tokens < 1:
-        raise ValueError(f"generation_sizes: new_tokens must be an int >= 1, got {new_tokens!r}")
-    return [prompt_len + i for i in range(new_tokens)]
-
-
-def recompile_figure(prompt_len: int = 8, new_tokens: int = 16, *, limit: int = pc.RECOMPILE_LIMIT) -> go.Figure:
+def recompile_figure(prompt_len: int = 8, new_tokens: int = 16, *, limit: int | None = None) -> go.Figure:
     """Cumulative graphs compiled per generation step, for dynamic=False / None / True.
 
     Pure Python (labkit.perf.compile.simulate_compiles): cheap enough for a slider callback.
+    limit defaults to Dynamo's current recompile_limit (8 unless configured).
     """
-    sizes = generation_sizes(prompt_len, new_tokens)
+    limit = pc.recompile_limit() if limit is None else limit
+    sizes = pc.generation_sizes(prompt_len, new_tokens)
     steps = list(range(1, len(sizes) + 1))
     fig = go.Figure()
     totals = {}
@@ -79,4 +72,4 @@ def timing_figure(rows: list[dict], *, title: str = "eager vs torch.compile") ->
     return fig
 
 
-__all__ = ["generation_sizes", "op_histogram_figure", "recompile_figure", "timing_figure"]
+__all__ = ["op_histogram_figure", "recompile_figure", "timing_figure"]
