@@ -247,7 +247,7 @@ def test_every_technique_module_belongs_to_a_chapter():
     for package in TECHNIQUE_PACKAGES:
         folder = ROOT / "labkit" / package
         for path in sorted(folder.rglob("*.py")) if folder.exists() else []:
-            if path.name.startswith("_"):  # __init__ and private helpers (e.g. optim/_checks.py)
+            if path.name.startswith("_"):  # __init__ and private helpers (e.g. _checks.py)
                 continue
             module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
             if module not in listed:

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from labkit.optim import _checks
+from labkit import _checks
 
 NAME = "AdamW"
 EPS_MODES = ("outside", "inside")

@@ -46,7 +46,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from labkit.optim import _checks
+from labkit import _checks
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 _NAME = "GaLoreAdamW"

@@ -36,7 +36,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from labkit.optim import _checks
+from labkit import _checks
 
 _NAME = "Lion"
 

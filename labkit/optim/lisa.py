@@ -41,7 +41,7 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from labkit.optim import _checks
+from labkit import _checks
 
 CATEGORIES = ("embeddings", "head", "norms", "other")
 _NAME = "LISA"

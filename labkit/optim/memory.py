@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from labkit.optim import _checks
+from labkit import _checks
 
 OPTIMIZERS = ("none", "sgd", "adamw", "lion", "tiger", "muon", "galore_adamw", "adafactor")
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")

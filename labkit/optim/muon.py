@@ -51,7 +51,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from labkit.optim import _checks
+from labkit import _checks
 
 JORDAN_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Jordan et al. 2024: tuned quintic
 CUBIC_COEFFICIENTS = (1.5, -0.5, 0.0)  # the classic cubic Newton-Schulz iteration

@@ -58,7 +58,7 @@ from dataclasses import dataclass
 
 import torch
 
-from labkit.optim import _checks
+from labkit import _checks
 
 # --- schedules ----------------------------------------------------------------------------------
 

@@ -44,7 +44,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from labkit.optim import _checks
+from labkit import _checks
 from labkit.optim.lion import _flag, _foreach_flag, _group_by_device_dtype, touched_rows
 
 _NAME = "Tiger"

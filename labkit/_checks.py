@@ -1,6 +1,6 @@
-"""Hyperparameter validation shared by labkit's optimizers.
+"""Argument validation shared by labkit's techniques (optimizers first).
 
-Every message names the optimizer, the argument, the allowed range and the value given:
+Every message names the owner (optimizer, function), the argument, the allowed range and the value given:
 `ValueError("AdamW: betas[1] must be in [0, 1), got 1.0")`.
 """
 
