@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import labkit
 from labkit.exercises import exercises_for, lookup
 from labkit.optim import adamw as aw
+from labkit.optim import memory as mem
 from labkit.optim.adamw import AdamW
 
 
@@ -59,7 +60,10 @@ def test_parity_float64_with_none_grads_and_empty_param(foreach):
     got = run(AdamW(ours, **kw), ours, grads)
     want = run(torch.optim.AdamW(ref, foreach=foreach, **kw), ref, grads)
     for g, w in zip(got, want):
-        torch.testing.assert_close(g, w)
+        if foreach:  # torch's multi-tensor path rounds differently
+            torch.testing.assert_close(g, w)
+        else:  # its single-tensor path (the CPU default), operation for operation: bit for bit
+            assert torch.equal(g, w)
     # the parameters skipped at step 3 took 8 steps, the others 9: the step counters say so
     opt = AdamW(clone(base), **kw)
     run(opt, opt.param_groups[0]["params"], grads)
@@ -75,7 +79,7 @@ def test_parity_defaults_param_groups_and_maximize():
     got = run(AdamW(groups(ours)), ours, grads)
     want = run(torch.optim.AdamW(groups(ref), foreach=False), ref, grads)
     for g, w in zip(got, want):
-        torch.testing.assert_close(g, w)
+        assert torch.equal(g, w)
 
 
 def test_parity_float32_params_default_state_dtype():
@@ -134,7 +138,7 @@ def test_parity_property(shape, lr, b1, b2, eps, wd, maximize, seed):
         a.grad, b.grad = g.clone(), g.clone()
         oa.step()
         ob.step()
-    torch.testing.assert_close(a, b)
+    assert torch.equal(a, b)
 
 
 # --- low-precision states ---------------------------------------------------------------------
@@ -180,7 +184,7 @@ def test_state_dtype_names_and_bytes():
             p.grad = torch.ones_like(p)
         opt.step()
         n = sum(p.numel() for p in params)
-        assert aw.state_bytes(opt) == per * n + 4 * len(params) == aw.expected_state_bytes(params, name)
+        assert mem.state_bytes(opt) == per * n == mem.predicted_state_bytes(opt)  # step counters left out
         assert all(s["exp_avg"].dtype == dtype for s in opt.state.values())
 
 
@@ -255,9 +259,9 @@ def test_fixes_bring_fp16_back_to_one():
 
 
 def test_step_ratios_removes_weight_decay():
-    p = torch.randn(10, dtype=torch.float64, requires_grad=True)
+    p = torch.randn(10, generator=torch.Generator().manual_seed(0), dtype=torch.float64, requires_grad=True)
     opt = AdamW([p], lr=0.01, weight_decay=0.5)
-    p.grad = torch.randn(10, dtype=torch.float64)
+    p.grad = torch.linspace(-1, 1, 10, dtype=torch.float64)  # |g| >= 1/9 >> eps (an unseeded randn could pick ~eps)
     r = aw.step_ratios(opt)
     torch.testing.assert_close(r, torch.ones(10, dtype=torch.float32), rtol=1e-5, atol=1e-5)  # first step: |d| = 1
 

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import labkit
 from labkit.models import GPTConfig, TinyGPT, train
 from labkit.optim import galore
+from labkit.optim import memory as mem
 from labkit.optim.galore import GaLoreAdamW, galore_param_groups
 from labkit.optim.lisa import LISA, find_blocks
 
@@ -136,7 +137,7 @@ def test_state_layout_and_bytes():
     opt.step()
     st = opt.state[p]
     assert st["P"].shape == (6, 2) and st["exp_avg"].shape == (2, 10) and "Q" not in st
-    assert opt.state_bytes() == (6 * 2 + 2 * 2 * 10) * 4  # projector + two low-rank moments, fp32
+    assert mem.state_bytes(opt) == (6 * 2 + 2 * 2 * 10) * 4  # projector + two low-rank moments, fp32
 
 
 def test_closure_returns_the_loss():
@@ -532,7 +533,7 @@ def test_other_figures():
     from labkit.viz import memory as vm
 
     assert len(vm.captured_fraction_figure({"w": [1.0, 0.9, 0.8, 1.0]}, 2).layout.shapes) == 2
-    assert vm.spectrum_figure({"g": [3.0, 1.0, 0.0]}, rank=1).data[0].y[0] == pytest.approx(0.9)
+    assert vm.cumulative_energy_figure({"g": [3.0, 1.0, 0.0]}, rank=1).data[0].y[0] == pytest.approx(0.9)
     fig = vm.lisa_schedule_figure([(0, (1,)), (3, (0,))], n_layers=2, steps=5)
     assert [list(row) for row in fig.data[0].z] == [[0, 0, 0, 1, 1], [1, 1, 1, 0, 0]]
     assert len(vm.state_bytes_figure([{"name": "x", "predicted": 10, "measured": 10}]).data) == 2

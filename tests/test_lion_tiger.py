@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 import labkit
 from labkit.exercises import exercises_for, lookup
-from labkit.optim.lion import Lion, flip_rate, grad_bytes, interpolation_trace, state_bytes, touched_rows
+from labkit.optim.lion import Lion, flip_rate, interpolation_trace, touched_rows
+from labkit.optim.memory import grad_bytes, state_bytes
 from labkit.optim.tiger import Tiger, effective_lr
 
 DTYPES = [torch.float32, torch.float64]
@@ -92,33 +93,26 @@ def test_lion_none_grad_leaves_param_and_state_alone():
 
 def roundtrip(opt_cls, kwargs, *, accumulate_nan_at=None):
     """10 steps, save, load into a fresh optimizer and parameters, 10 more: vs 20 uninterrupted."""
-    def grads(t, ps, gen):
-        for p in ps:
-            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
-        if t == accumulate_nan_at:
-            ps[0].grad[0, 0] = float("nan")
+    def steps(opt, ps, ts, gen):
+        for t in ts:
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            if t == accumulate_nan_at:
+                ps[0].grad[0, 0] = float("nan")
+            opt.step()
 
     ps = make_params(torch.float32)
-    opt = opt_cls(ps, **kwargs)
-    gen = torch.Generator().manual_seed(5)
-    for t in range(20):
-        grads(t, ps, gen)
-        opt.step()
+    steps(opt_cls(ps, **kwargs), ps, range(20), torch.Generator().manual_seed(5))
     straight = [p.detach().clone() for p in ps]
 
-    ps = make_params(torch.float32)
+    ps, gen = make_params(torch.float32), torch.Generator().manual_seed(5)
     opt = opt_cls(ps, **kwargs)
-    gen = torch.Generator().manual_seed(5)
-    for t in range(10):
-        grads(t, ps, gen)
-        opt.step()
+    steps(opt, ps, range(10), gen)
     saved_state, saved_params = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in ps]
     fresh = [p.clone().requires_grad_() for p in saved_params]
     opt2 = opt_cls(fresh, **kwargs)
     opt2.load_state_dict(saved_state)
-    for t in range(10, 20):
-        grads(t, fresh, gen)
-        opt2.step()
+    steps(opt2, fresh, range(10, 20), gen)
     assert_same([p.detach() for p in fresh], straight)
     return opt, opt2
 
@@ -433,11 +427,11 @@ def test_state_and_grad_bytes():
         opt.zero_grad()
         model(x).sum().backward()
         opt.step()
-    assert state_bytes(opts["lion"]) == state_bytes(opts["tiger"]) == n * 4
-    assert state_bytes(opts["adamw"]) >= 2 * n * 4  # m and v (+ a step counter)
-    assert grad_bytes(opts["lion"]) == n * 4
-    with pytest.raises(TypeError, match="state_bytes: optimizer must be a torch.optim.Optimizer"):
-        state_bytes(model)
+    assert state_bytes(opts["lion"]) == state_bytes(opts["tiger"]) == n * 4  # one momentum
+    assert state_bytes(opts["adamw"]) == 2 * n * 4  # m and v (step counters are left out)
+    assert grad_bytes(opts["lion"]) == n * 4  # the tied weight's gradient once
+    with pytest.raises(TypeError, match="grad_bytes: optimizer must be a torch.optim.Optimizer"):
+        grad_bytes(model)
 
 
 # --- exercises ---------------------------------------------------------------------------------

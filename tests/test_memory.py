@@ -160,6 +160,20 @@ def test_state_bytes_counts_storages_once_and_skips_scalars():
         mem.state_bytes("adam")
 
 
+def test_grad_bytes_counts_the_gradients_held_now():
+    a, b = torch.nn.Parameter(torch.zeros(4, 3)), torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    opt = torch.optim.SGD([a, b], lr=0.1)
+    assert mem.grad_bytes(opt) == 0  # no gradient yet
+    a.grad = torch.ones(4, 3)
+    assert mem.grad_bytes(opt) == 4 * 3 * 4
+    b.grad = torch.ones(5, dtype=torch.float64)
+    assert mem.grad_bytes(opt) == 4 * 3 * 4 + 5 * 8
+    opt.zero_grad(set_to_none=True)
+    assert mem.grad_bytes(opt) == 0
+    with pytest.raises(TypeError, match="grad_bytes: optimizer must be a torch.optim.Optimizer"):
+        mem.grad_bytes([a, b])
+
+
 def test_predicted_state_bytes_unknown_class():
     class Mine(torch.optim.Optimizer):
         def __init__(self, params):

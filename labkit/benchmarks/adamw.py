@@ -17,7 +17,8 @@ import torch
 
 from labkit import bench, datasets, runtime
 from labkit.models import GPTConfig, TinyGPT, train
-from labkit.optim.adamw import AdamW, state_bytes
+from labkit.optim.adamw import AdamW
+from labkit.optim.memory import state_bytes
 
 LR = 3e-3
 

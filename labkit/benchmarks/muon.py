@@ -19,6 +19,7 @@ import torch
 from labkit import bench, datasets, runtime
 from labkit.models import GPTConfig, TinyGPT, evaluate, train
 from labkit.optim import muon as mu
+from labkit.optim.memory import state_bytes
 
 ADAMW_BETAS = (0.9, 0.95)
 
@@ -109,7 +110,7 @@ def optimizer_rows(quick: bool = False, *, progress: bool = True) -> list[dict]:
                          "lr": r["lr"], "train_loss": r["train_loss"], "val_loss": r["val_loss"]})
     repeats = 5 if quick else 20
     timings = {n: _step_timings(best[n], s, repeats) for n in ("AdamW", "Muon")}
-    base_ms, base_state = timings["AdamW"][0], mu.optimizer_state_bytes(best["AdamW"]["optimizer"])
+    base_ms, base_state = timings["AdamW"][0], state_bytes(best["AdamW"]["optimizer"])
     device = bench.device_name()
     for n in ("AdamW", "Muon"):
         r, (step_ms, fb_ms) = best[n], timings[n]
@@ -121,7 +122,7 @@ def optimizer_rows(quick: bool = False, *, progress: bool = True) -> list[dict]:
             "muon_params": sum(p.numel() for p in muon_p) if n == "Muon" else 0,
             "steps": s["steps"], "tokens": r["log"].tokens,
             "median_ms": step_ms, "baseline_ms": base_ms, "ratio": base_ms / step_ms, "fwd_bwd_ms": fb_ms,
-            "state_bytes": mu.optimizer_state_bytes(r["optimizer"]), "baseline_state_bytes": base_state,
+            "state_bytes": state_bytes(r["optimizer"]), "baseline_state_bytes": base_state,
             "ns_gflop_per_step": ns_gflops_per_step(model) if n == "Muon" else 0.0,
             "train_loss": r["train_loss"], "val_loss": r["val_loss"],
         })

@@ -5,7 +5,8 @@
     lion-tiger.state_bytes  fn(param_shapes, bytes_per_elem, optimizer, accumulation_steps) -> bytes held between steps
     lion-tiger.accumulate   fn(exp_avg, micro_grads, beta) -> Tiger's momentum after k micro-steps
 
-The references run labkit's own optimizers (labkit.optim.lion.Lion, labkit.optim.tiger.Tiger).
+The references run labkit's own optimizers (labkit.optim.lion.Lion, labkit.optim.tiger.Tiger) and
+state formulas (labkit.optim.memory.state_numel).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import math
 import torch
 
 from labkit.exercises import Exercise, register
+from labkit.optim import memory
 from labkit.optim.lion import Lion
 from labkit.optim.tiger import Tiger
 
@@ -119,10 +121,9 @@ def state_bytes(param_shapes: list[tuple[int, ...]], bytes_per_elem: int, optimi
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"state_bytes: optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-    n = sum(math.prod(s) for s in param_shapes)
-    states = {"sgd": 0, "adamw": 2, "lion": 1, "tiger": 1}[optimizer]
-    grad_buffer = 1 if accumulation_steps > 1 and optimizer != "tiger" else 0
-    return (states + grad_buffer) * n * bytes_per_elem
+    states = sum(memory.state_numel(s, optimizer, momentum=False) for s in param_shapes)  # sgd: no momentum
+    grads = sum(math.prod(s) for s in param_shapes) if accumulation_steps > 1 and optimizer != "tiger" else 0
+    return (states + grads) * bytes_per_elem
 
 
 def _bytes_cases(rng):

@@ -31,7 +31,7 @@ when stored: the next step, and this step's update, read the rounded values.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 
@@ -60,13 +60,11 @@ def resolve_state_dtype(state_dtype) -> torch.dtype | None:
 # --- the update of one tensor -------------------------------------------------------------
 
 
-def adamw_direction_(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: float, *,
-                     beta1: float, beta2: float, eps: float, eps_mode: str = "outside") -> torch.Tensor:
-    """Update the moments in place and return the direction d = m̂ / (√v̂ + ε) (or m̂ / √(v̂ + ε)).
+def _moments_(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: float, *,
+              beta1: float, beta2: float, eps: float, eps_mode: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Update the moments in place; return (m, denom, 1 − β1^t) in the compute dtype.
 
-    grad, exp_avg, exp_avg_sq: same shape; the moments keep their own dtype (rounded on store).
-    step: this tensor's step count including the current one (1 on the first step).
-    The arithmetic runs in the wider of grad's and the states' dtypes; d is returned in it.
+    The direction is d = m / (1 − β1^t) / denom; adamw_step_ folds the division into one addcdiv.
     """
     cdt = torch.promote_types(grad.dtype, exp_avg.dtype)  # compute dtype
     in_place = exp_avg.dtype == cdt and exp_avg_sq.dtype == cdt
@@ -85,7 +83,56 @@ def adamw_direction_(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torc
         denom = (v.sqrt() / bias_correction2 ** 0.5).add_(eps)      # √v̂ + ε
     else:
         denom = (v / bias_correction2).add_(eps).sqrt_()            # √(v̂ + ε)
+    return m, denom, bias_correction1
+
+
+def adamw_direction_(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: float, *,
+                     beta1: float, beta2: float, eps: float, eps_mode: str = "outside") -> torch.Tensor:
+    """Update the moments in place and return the direction d = m̂ / (√v̂ + ε) (or m̂ / √(v̂ + ε)).
+
+    grad, exp_avg, exp_avg_sq: same shape; the moments keep their own dtype (rounded on store).
+    step: this tensor's step count including the current one (1 on the first step).
+    The arithmetic runs in the wider of grad's and the states' dtypes; d is returned in it.
+    """
+    m, denom, bias_correction1 = _moments_(grad, exp_avg, exp_avg_sq, step, beta1=beta1, beta2=beta2, eps=eps,
+                                           eps_mode=eps_mode)
     return (m / bias_correction1).div_(denom)                       # m̂ / denom
+
+
+def adamw_step_(p: torch.Tensor, grad: torch.Tensor, state: dict, *, lr: float, betas: tuple[float, float],
+                eps: float, weight_decay: float, eps_mode: str = "outside", state_dtype=None) -> None:
+    """One AdamW update of the tensor p in place, its state {"step", "exp_avg", "exp_avg_sq"} created if empty.
+
+    state_dtype: None (p's dtype) or a torch.dtype for the moments. When p, grad and the moments
+    share one dtype this is torch.optim.AdamW's single-tensor update, operation for operation
+    (θ·(1 − lr·λ), then θ − (lr / (1 − β1^t)) · m / denom as one addcdiv), so it matches it bit for bit.
+    """
+    if not state:
+        dtype = state_dtype or p.dtype
+        state["step"] = torch.tensor(0.0)  # a float32 CPU tensor, as torch.optim.AdamW keeps it
+        state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+    state["step"] += 1
+    if weight_decay != 0:
+        p.mul_(1 - lr * weight_decay)                                     # decoupled weight decay
+    beta1, beta2 = betas
+    m, denom, bias_correction1 = _moments_(grad, state["exp_avg"], state["exp_avg_sq"], state["step"].item(),
+                                           beta1=beta1, beta2=beta2, eps=eps, eps_mode=eps_mode)
+    if m.dtype == p.dtype:
+        p.addcdiv_(m, denom, value=-(lr / bias_correction1))              # θ ← θ − lr · m̂ / denom
+    else:
+        p.add_(((m / bias_correction1).div_(denom) * -lr).to(p.dtype))   # in the compute dtype, then rounded
+
+
+def check_adam_hparams(owner: str, group: dict, prefix: str = "") -> None:
+    """Check (and normalise, in place) lr, betas, eps and weight_decay of an Adam-style param group.
+
+    prefix names the arguments in messages (MuonWithAdamW's "adamw_lr", ...).
+    """
+    group["lr"] = _checks.number(owner, prefix + "lr", group["lr"], low=0.0)
+    group["betas"] = _checks.betas(owner, group["betas"])
+    group["eps"] = _checks.number(owner, prefix + "eps", group["eps"], low=0.0)
+    group["weight_decay"] = _checks.number(owner, prefix + "weight_decay", group["weight_decay"], low=0.0)
 
 
 # --- the optimizer --------------------------------------------------------------------------
@@ -94,7 +141,8 @@ def adamw_direction_(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torc
 class AdamW(torch.optim.Optimizer):
     """AdamW (Loshchilov & Hutter 2019) with a choice of state precision and of where ε goes.
 
-    With state_dtype=None and eps_mode="outside" it computes what torch.optim.AdamW computes.
+    With state_dtype=None and eps_mode="outside" it computes what torch.optim.AdamW computes, bit for
+    bit against its single-tensor path (foreach=False, the default for CPU tensors).
     state_dtype: None (the parameter's dtype) or torch.float32 / bfloat16 / float16 (or "fp32",
     "bf16", "fp16") for exp_avg and exp_avg_sq. eps_mode: "outside" m̂/(√v̂+ε), "inside" m̂/√(v̂+ε).
     The state of a parameter is {"step", "exp_avg", "exp_avg_sq"}, as in torch.optim.AdamW.
@@ -111,10 +159,7 @@ class AdamW(torch.optim.Optimizer):
     @staticmethod
     def _validate(group: dict) -> None:
         """Check (and normalise, in place) the hyperparameters of one param group."""
-        group["lr"] = _checks.number(NAME, "lr", group["lr"], low=0.0)
-        group["betas"] = _checks.betas(NAME, group["betas"])
-        group["eps"] = _checks.number(NAME, "eps", group["eps"], low=0.0)
-        group["weight_decay"] = _checks.number(NAME, "weight_decay", group["weight_decay"], low=0.0)
+        check_adam_hparams(NAME, group)
         group["state_dtype"] = resolve_state_dtype(group["state_dtype"])
         _checks.choice(NAME, "eps_mode", group["eps_mode"], EPS_MODES)
         if not isinstance(group["maximize"], bool):
@@ -125,15 +170,6 @@ class AdamW(torch.optim.Optimizer):
         super().add_param_group(param_group)
         self._validate(self.param_groups[-1])  # a group may override the defaults: check its values too
 
-    def _state_of(self, p: torch.Tensor, group: dict) -> dict:
-        state = self.state[p]
-        if not state:
-            dtype = group["state_dtype"] or p.dtype
-            state["step"] = torch.tensor(0.0)  # a float32 CPU tensor, as torch.optim.AdamW keeps it
-            state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-        return state
-
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
         """One update of every parameter that has a gradient; returns closure()'s loss if given."""
@@ -142,7 +178,6 @@ class AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -151,17 +186,9 @@ class AdamW(torch.optim.Optimizer):
                                      f"{tuple(p.shape)})")
                 if p.is_complex():
                     raise TypeError(f"{NAME}: complex parameters are not supported, got {p.dtype}")
-                grad = -p.grad if group["maximize"] else p.grad
-                state = self._state_of(p, group)
-                state["step"] += 1
-                if wd != 0:
-                    p.mul_(1 - lr * wd)                                   # decoupled weight decay
-                d = adamw_direction_(grad, state["exp_avg"], state["exp_avg_sq"], state["step"].item(),
-                                     beta1=beta1, beta2=beta2, eps=eps, eps_mode=group["eps_mode"])
-                if d.dtype == p.dtype:
-                    p.add_(d, alpha=-lr)                                  # θ ← θ − lr · d
-                else:
-                    p.add_((d * -lr).to(p.dtype))
+                adamw_step_(p, -p.grad if group["maximize"] else p.grad, self.state[p], lr=group["lr"],
+                            betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
+                            eps_mode=group["eps_mode"], state_dtype=group["state_dtype"])
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -247,25 +274,5 @@ def step_ratios(optimizer: torch.optim.Optimizer, closure: Callable[[], torch.Te
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held by the optimizer's per-parameter state tensors (step counters included)."""
-    total = 0
-    for state in optimizer.state.values():
-        for value in state.values():
-            if isinstance(value, torch.Tensor):
-                total += value.numel() * value.element_size()
-    return total
-
-
-def expected_state_bytes(params: Iterable[torch.Tensor], state_dtype=None) -> int:
-    """2 moments per element in state_dtype (None: each param's dtype) + a 4-byte step per tensor."""
-    dtype = resolve_state_dtype(state_dtype)
-    total = 0
-    for p in params:
-        size = (dtype or p.dtype).itemsize
-        total += 2 * p.numel() * size + 4
-    return total
-
-
-__all__ = ["AdamW", "EPS_MODES", "STATE_DTYPES", "adamw_direction_", "effective_step_ratio", "expected_state_bytes",
-           "ideal_step_ratio", "resolve_state_dtype", "state_bytes", "step_ratios", "underflow_threshold"]
+__all__ = ["AdamW", "EPS_MODES", "STATE_DTYPES", "adamw_direction_", "adamw_step_", "check_adam_hparams",
+           "effective_step_ratio", "ideal_step_ratio", "resolve_state_dtype", "step_ratios", "underflow_threshold"]

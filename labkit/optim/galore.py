@@ -47,6 +47,7 @@ import torch
 import torch.nn as nn
 
 from labkit import _checks
+from labkit.optim.adamw import check_adam_hparams
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 _NAME = "GaLoreAdamW"
@@ -89,7 +90,7 @@ def _own(basis: torch.Tensor) -> torch.Tensor:
     LAPACK returns the factors column-major; the copy keeps that layout (a row-major copy
     changes the matmuls' rounding in float32 and breaks bitwise parity with galore_torch).
     """
-    if basis.dim() == 2 and basis.stride(0) == 1 and basis.size(0) > 1:  # column-major
+    if basis.dim() == 2 and basis.stride(0) == 1:  # column-major (a single row (1, n) too: strides (1, 1))
         out = torch.empty_strided(basis.shape, (1, basis.size(0)), dtype=basis.dtype, device=basis.device)
     else:
         out = torch.empty_like(basis, memory_format=torch.contiguous_format)
@@ -158,10 +159,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     @staticmethod
     def _validate(group: dict) -> None:
-        _checks.number(_NAME, "lr", group["lr"], low=0.0)
-        group["betas"] = _checks.betas(_NAME, group["betas"])
-        _checks.number(_NAME, "eps", group["eps"], low=0.0)
-        _checks.number(_NAME, "weight_decay", group["weight_decay"], low=0.0)
+        check_adam_hparams(_NAME, group)
         if group["rank"] is not None:
             _checks.integer(_NAME, "rank", group["rank"], low=1)
         _checks.integer(_NAME, "update_proj_gap", group["update_proj_gap"], low=1)
@@ -220,12 +218,6 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 if wd > 0.0:  # 4. decoupled weight decay, after the update (galore_torch's order)
                     p.add_(p, alpha=-lr * wd)
         return loss
-
-    def state_bytes(self, *, include_scalars: bool = False) -> int:
-        """Bytes of the optimizer state allocated now (projectors + moments); see labkit.optim.memory."""
-        from labkit.optim.memory import state_bytes
-
-        return state_bytes(self, include_scalars=include_scalars)
 
 
 def galore_param_groups(model: nn.Module, *, rank: int, update_proj_gap: int = 200, scale: float = 0.25,

@@ -25,8 +25,8 @@ saw no gradient this step. Without it, a rare token's row keeps receiving sign(m
 thousands of steps after each appearance, since the momentum decays but its sign does not.
 
 Also here: `interpolation_trace` (Lion's two recurrences on a 1-D gradient sequence, for the
-chapter's sign-pattern panel), `flip_rate`, and `state_bytes` / `grad_bytes` (memory held by an
-optimizer's state and by its parameters' gradients).
+chapter's sign-pattern panel) and `flip_rate`. The memory an optimizer holds is measured by
+labkit.optim.memory (`state_bytes`, `grad_bytes`).
 """
 
 from __future__ import annotations
@@ -200,20 +200,4 @@ def flip_rate(x: torch.Tensor) -> float:
     return (s[1:] != s[:-1]).double().mean().item()
 
 
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor held in `optimizer.state` (momenta, second moments, ...)."""
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"state_bytes: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
-               if isinstance(v, torch.Tensor))
-
-
-def grad_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the .grad tensors its parameters currently hold (a shared parameter counted once)."""
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"grad_bytes: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    seen = {id(p): p for g in optimizer.param_groups for p in g["params"]}
-    return sum(p.grad.numel() * p.grad.element_size() for p in seen.values() if p.grad is not None)
-
-
-__all__ = ["Lion", "flip_rate", "grad_bytes", "interpolation_trace", "lion_update_", "state_bytes", "touched_rows"]
+__all__ = ["Lion", "flip_rate", "interpolation_trace", "lion_update_", "touched_rows"]

@@ -175,17 +175,10 @@ class LISA:
 
     def resample(self) -> tuple[int, ...]:
         """Draw a new set of active blocks now; freeze the rest and drop their optimizer state."""
-        active = tuple(sorted(self._rng.sample(range(self.n_layers), self.n_active)))
-        for i, params in enumerate(self.layer_params):
-            for p in params:
-                if i in active:
-                    p.requires_grad_(True)
-                else:
-                    self._freeze(p)
-        self.active = active
+        self._activate(tuple(sorted(self._rng.sample(range(self.n_layers), self.n_active))))
         self.switches += 1
-        self.history.append((self.steps, active))
-        return active
+        self.history.append((self.steps, self.active))
+        return self.active
 
     def step(self) -> tuple[int, ...]:
         """Count one training step; every `interval` steps, re-sample. Returns the active blocks."""
@@ -193,6 +186,16 @@ class LISA:
         if self.steps % self.interval == 0:
             self.resample()
         return self.active
+
+    def _activate(self, active: tuple[int, ...]) -> None:
+        """Make exactly the blocks in `active` trainable; freeze the others (dropping their state)."""
+        for i, params in enumerate(self.layer_params):
+            for p in params:
+                if i in active:
+                    p.requires_grad_(True)
+                else:
+                    self._freeze(p)
+        self.active = active
 
     def _freeze(self, p: nn.Parameter) -> None:
         p.requires_grad_(False)
@@ -232,13 +235,7 @@ class LISA:
         self.steps, self.switches = int(state["steps"]), int(state["switches"])
         rng = state["rng"]
         self._rng.setstate((rng[0], tuple(rng[1]), rng[2]))  # a JSON round trip turns tuples to lists
-        for i, params in enumerate(self.layer_params):
-            for p in params:
-                if i in active:
-                    p.requires_grad_(True)
-                else:
-                    self._freeze(p)
-        self.active = active
+        self._activate(active)
 
     def __repr__(self) -> str:
         return (f"LISA(n_active={self.n_active}/{self.n_layers}, interval={self.interval}, "

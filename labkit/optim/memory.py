@@ -28,8 +28,10 @@ Recomputation in Large Transformer Models", MLSys): s b h (34 + 5 a s / h) bytes
 length s, batch b, hidden h, a heads, 16-bit activations; FlashAttention-style kernels drop the
 5 a s / h term (the stored s x s attention scores).
 
-`state_bytes(optimizer)` measures what an optimizer really holds; `predicted_state_bytes`
-applies the formulas above to its parameters, and the tests hold the two equal.
+`state_bytes(optimizer)` measures what an optimizer really holds (the one byte counter of
+labkit: every chapter uses it); `predicted_state_bytes` applies the formulas above to its
+parameters, and the tests hold the two equal. `grad_bytes(optimizer)` measures the gradients
+its parameters hold (what gradient accumulation keeps between micro-steps).
 """
 
 from __future__ import annotations
@@ -138,16 +140,10 @@ def bytes_per_param(optimizer: str, shape=(4096, 4096), *, state_dtype="fp32", *
 # --------------------------------------------------------------------------- measured state
 
 
-def state_bytes(optimizer: torch.optim.Optimizer, *, include_scalars: bool = False) -> int:
-    """Bytes of the tensors an optimizer's state holds now, each storage counted once.
-
-    0-dim tensors (step counters) are left out unless include_scalars: they cost O(#tensors),
-    not O(#parameters). A state tensor that is a view of a larger storage counts the storage.
-    """
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"state_bytes: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+def _storage_bytes(tensors, *, include_scalars: bool) -> int:
+    """Bytes of the storages behind `tensors` (nested lists/tuples allowed), each storage once."""
     seen: dict[tuple, int] = {}
-    stack = [v for st in optimizer.state.values() for v in st.values()]
+    stack = list(tensors)
     while stack:
         v = stack.pop()
         if isinstance(v, (list, tuple)):
@@ -156,6 +152,31 @@ def state_bytes(optimizer: torch.optim.Optimizer, *, include_scalars: bool = Fal
             storage = v.untyped_storage()
             seen[(v.device, storage.data_ptr())] = storage.nbytes()
     return sum(seen.values())
+
+
+def _optimizer(owner: str, optimizer) -> torch.optim.Optimizer:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"{owner}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    return optimizer
+
+
+def state_bytes(optimizer: torch.optim.Optimizer, *, include_scalars: bool = False) -> int:
+    """Bytes of the tensors an optimizer's state holds now, each storage counted once.
+
+    0-dim tensors (step counters) are left out unless include_scalars: they cost O(#tensors),
+    not O(#parameters). A state tensor that is a view of a larger storage counts the storage.
+    """
+    _optimizer("state_bytes", optimizer)
+    return _storage_bytes([v for st in optimizer.state.values() for v in st.values()],
+                          include_scalars=include_scalars)
+
+
+def grad_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the .grad tensors the optimizer's parameters hold now, each storage once (a tied
+    parameter counts once): what gradient accumulation keeps between micro-steps."""
+    _optimizer("grad_bytes", optimizer)
+    return _storage_bytes([p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None],
+                          include_scalars=True)
 
 
 def _kind_of(optimizer: torch.optim.Optimizer, group: dict) -> tuple[str, dict]:
@@ -184,9 +205,7 @@ def _state_dtype(group: dict, p: torch.Tensor):
 
 def predicted_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """The formulas applied to every parameter of `optimizer`: its state once each has taken a step."""
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"predicted_state_bytes: optimizer must be a torch.optim.Optimizer, "
-                        f"got {type(optimizer).__name__}")
+    _optimizer("predicted_state_bytes", optimizer)
     total, seen = 0.0, set()
     for group in optimizer.param_groups:
         kind, kwargs = _kind_of(optimizer, group)
@@ -419,6 +438,6 @@ def galore_svd_overhead(params, update_proj_gap: int, tokens_per_step: int) -> f
 
 
 __all__ = ["BLOCK_8BIT", "LLAMA_CONFIGS", "MemoryBreakdown", "OPTIMIZERS", "ParamSpec", "activation_bytes",
-           "bytes_per_param", "bytes_per_value", "galore_state_numel", "galore_svd_overhead", "llama_params",
-           "model_params", "param_state_bytes", "predicted_state_bytes", "state_bytes", "state_numel",
-           "svd_flops", "training_memory", "transformer_params"]
+           "bytes_per_param", "bytes_per_value", "galore_state_numel", "galore_svd_overhead", "grad_bytes",
+           "llama_params", "model_params", "param_state_bytes", "predicted_state_bytes", "state_bytes",
+           "state_numel", "svd_flops", "training_memory", "transformer_params"]

@@ -52,6 +52,7 @@ import torch
 import torch.nn as nn
 
 from labkit import _checks
+from labkit.optim.adamw import adamw_step_, check_adam_hparams
 
 JORDAN_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Jordan et al. 2024: tuned quintic
 CUBIC_COEFFICIENTS = (1.5, -0.5, 0.0)  # the classic cubic Newton-Schulz iteration
@@ -302,26 +303,14 @@ class Muon(torch.optim.Optimizer):
 
 
 def _adamw_group_step(group: dict, state) -> None:
-    """AdamW (Loshchilov & Hutter 2019), written as torch.optim.AdamW's single-tensor path."""
-    beta1, beta2 = group["betas"]
-    lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+    """AdamW (Loshchilov & Hutter 2019) on one group: labkit.optim.adamw's update, torch.optim.AdamW's bits."""
     for p in group["params"]:
         if p.grad is None:
             continue
         if p.grad.is_sparse:
             raise RuntimeError("MuonWithAdamW: sparse gradients are not supported")
-        g, st = p.grad, state[p]
-        if "step" not in st:
-            st["step"] = torch.tensor(0.0)
-            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        st["step"] += 1
-        t = st["step"].item()
-        p.mul_(1 - lr * wd)
-        st["exp_avg"].lerp_(g, 1 - beta1)  # m = b1 m + (1 - b1) g
-        st["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)  # v = b2 v + (1 - b2) g^2
-        denom = (st["exp_avg_sq"].sqrt() / (1 - beta2**t) ** 0.5).add_(eps)
-        p.addcdiv_(st["exp_avg"], denom, value=-(lr / (1 - beta1**t)))  # p -= lr m_hat / (sqrt(v_hat) + eps)
+        adamw_step_(p, p.grad, state[p], lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                    weight_decay=group["weight_decay"])
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
@@ -341,11 +330,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
         muon_group = dict(params=list(muon_params), use_muon=True, lr=lr, momentum=momentum, nesterov=nesterov,
                           ns_steps=ns_steps, weight_decay=weight_decay, adjust_lr=adjust_lr,
                           ns_coefficients=ns_coefficients, eps=eps, ns_dtype=ns_dtype)
-        adamw_group = dict(params=list(adamw_params), use_muon=False,
-                           lr=_checks.number(owner, "adamw_lr", adamw_lr, low=0.0),
-                           betas=_checks.betas(owner, adamw_betas),
-                           eps=_checks.number(owner, "adamw_eps", adamw_eps, low=0.0),
-                           weight_decay=_checks.number(owner, "adamw_weight_decay", adamw_weight_decay, low=0.0))
+        adamw_group = dict(params=list(adamw_params), use_muon=False, lr=adamw_lr, betas=adamw_betas, eps=adamw_eps,
+                           weight_decay=adamw_weight_decay)
+        check_adam_hparams(owner, adamw_group, prefix="adamw_")
         _validate_muon_group(owner, {k: v for k, v in muon_group.items() if k != "params"})
         # what add_param_group fills in for a group that leaves a hyperparameter out
         self._group_defaults = {flag: {k: v for k, v in g.items() if k != "params"}
@@ -374,10 +361,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
             _validate_muon_group(owner, group)
             _check_matrices(owner, group, index)
         else:
-            group["lr"] = _checks.number(owner, "lr", group["lr"], low=0.0)
-            group["betas"] = _checks.betas(owner, group["betas"])
-            group["eps"] = _checks.number(owner, "eps", group["eps"], low=0.0)
-            group["weight_decay"] = _checks.number(owner, "weight_decay", group["weight_decay"], low=0.0)
+            check_adam_hparams(owner, group)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -427,17 +411,9 @@ def split_muon_params(model: nn.Module, *, head_names=("lm_head",)) -> tuple[lis
     return [p for _, p in muon], [p for _, p in adamw]
 
 
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held in optimizer.state tensors (momentum buffers, Adam moments, step counters)."""
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer_state_bytes: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    return sum(v.numel() * v.element_size() for st in optimizer.state.values() for v in st.values()
-               if isinstance(v, torch.Tensor))
-
-
 __all__ = [
     "ADJUST_LR", "CUBIC_COEFFICIENTS", "JORDAN_COEFFICIENTS", "Muon", "MuonWithAdamW", "adjust_lr_factor",
     "default_ns_dtype", "muon_update", "newton_schulz", "newton_schulz_flops", "newton_schulz_iterates",
-    "ns_flop_overhead", "ns_polynomial", "ns_singular_value_map", "optimizer_state_bytes", "polar_factor",
+    "ns_flop_overhead", "ns_polynomial", "ns_singular_value_map", "polar_factor",
     "split_muon_named_params", "split_muon_params",
 ]

@@ -124,9 +124,10 @@ def captured_fraction_figure(fractions: Mapping[str, Sequence[float]], update_pr
     return fig
 
 
-def spectrum_figure(singular_values: Mapping[str, Sequence[float]], rank: int | None = None, *,
-                    title: str = "how low-rank is a gradient?") -> go.Figure:
-    """Cumulative share of ||G||_F^2 in the top-k singular directions, for each named gradient."""
+def cumulative_energy_figure(singular_values: Mapping[str, Sequence[float]], rank: int | None = None, *,
+                             title: str = "how low-rank is a gradient?") -> go.Figure:
+    """Cumulative share of ||G||_F^2 in the top-k singular directions, for each named gradient
+    (what a rank-k projection keeps; labkit.viz.muon.relative_spectrum_figure shows the decay)."""
     fig = go.Figure()
     for i, (name, s) in enumerate(singular_values.items()):
         sq = [float(v) ** 2 for v in s]
@@ -167,5 +168,5 @@ def lisa_schedule_figure(history: Sequence[tuple[int, Sequence[int]]], n_layers:
     return fig
 
 
-__all__ = ["captured_fraction_figure", "lisa_schedule_figure", "memory_breakdown",
-           "memory_breakdown_figure", "memory_methods", "spectrum_figure", "state_bytes_figure"]
+__all__ = ["captured_fraction_figure", "cumulative_energy_figure", "lisa_schedule_figure", "memory_breakdown",
+           "memory_breakdown_figure", "memory_methods", "state_bytes_figure"]

@@ -121,10 +121,12 @@ def singular_values_figure(history, *, exact=None, title: str = "Singular values
     return fig
 
 
-def spectrum_figure(spectra: dict, *, title: str = "Singular value spectra (each scaled to its largest)") -> go.Figure:
-    """Sorted singular values, each divided by its largest, for several matrices (log y)."""
+def relative_spectrum_figure(spectra: dict, *, title: str = "Singular value spectra (each scaled to its largest)"
+                             ) -> go.Figure:
+    """Sorted singular values, each divided by its largest, for several matrices (log y): how flat a
+    spectrum is (see labkit.viz.memory.cumulative_energy_figure for the energy in the top k)."""
     if not spectra:
-        raise ValueError("spectrum_figure: spectra must map a name to singular values, got nothing")
+        raise ValueError("relative_spectrum_figure: spectra must map a name to singular values, got nothing")
     fig = go.Figure()
     palette = ["#E45756", "#F58518", "#4C78A8", "#54A24B", "#B279A2"]
     for i, (name, s) in enumerate(spectra.items()):
@@ -159,4 +161,4 @@ def ns_cost_figure(results: list[dict], *, title: str | None = None) -> go.Figur
 
 
 __all__ = ["NS_PRESETS", "ns_band", "ns_cost_figure", "ns_map_figure",
-           "singular_values_figure", "spectrum_figure"]
+           "relative_spectrum_figure", "singular_values_figure"]
