@@ -1,6 +1,6 @@
 """The `labkit` command.
 
-    labkit list                  parts, chapters, status and device
+    labkit list [--markdown]     parts, chapters, status and device (--markdown: the README table)
     labkit check                 book.toml is valid and notebooks/ is up to date
     labkit student [--check]     build notebooks/ from solutions/ (or only check it)
     labkit validate [CHAPTER...] [--solutions-only]
@@ -19,8 +19,19 @@ from labkit import book as book_mod
 from labkit import bench, student
 
 
+def markdown_table(b: book_mod.Book) -> str:
+    """The README's chapter table."""
+    rows = ["| id | title | part | status | device |", "|---|---|---|---|---|"]
+    for c in b.chapters:
+        rows.append(f"| {c.id} | {c.title} | {c.part}. {b.part_of(c).title} | {c.status} | {c.device} |")
+    return "\n".join(rows)
+
+
 def cmd_list(args) -> int:
     b = book_mod.load()
+    if args.markdown:
+        print(markdown_table(b))
+        return 0
     print(f"{b.title}: {len(b.chapters)} chapters in {len(b.parts)} parts\n")
     for part in b.parts:
         print(f"Part {part.number}. {part.title}")
@@ -84,7 +95,9 @@ def cmd_bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="labkit", description="LLM Systems Lab course tools")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="parts, chapters, status, device").set_defaults(fn=cmd_list)
+    p = sub.add_parser("list", help="parts, chapters, status, device")
+    p.add_argument("--markdown", action="store_true", help="print the README's chapter table")
+    p.set_defaults(fn=cmd_list)
     sub.add_parser("check", help="validate book.toml and notebooks/").set_defaults(fn=cmd_check)
     p = sub.add_parser("student", help="build notebooks/ from solutions/")
     p.add_argument("--check", action="store_true", help="only check that notebooks/ is up to date")
