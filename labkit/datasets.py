@@ -19,6 +19,8 @@ The synthetic tasks are LM-ready: each returns (x, y), both (n, T) LongTensors, 
 the next-token targets of x and IGNORE_INDEX (-100, PyTorch's cross_entropy default) where a
 position is not scored, so `TinyGPT(config)(x, y)` trains on them directly. Each is a pure
 function of its arguments and `seed` (a private torch.Generator, untouched global RNG).
+`image_task` is the one vision task: images (n, 1, side, side) and class labels (n,), just as
+deterministic in `seed`.
 """
 
 from __future__ import annotations
@@ -29,9 +31,12 @@ import re
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
+from labkit import _checks
 from labkit.models.gpt import IGNORE_INDEX  # -100: targets TinyGPT's loss does not score
 from labkit.runtime import data_dir
 from labkit.tokenizer import BPETokenizer, CharTokenizer, train_bpe
@@ -287,6 +292,63 @@ def associative_recall(
     kv = torch.stack([keys, values], dim=2).reshape(n, 2 * n_pairs)  # (n, 2P): k1 v1 k2 v2 ...
     seq = torch.cat([kv, keys.gather(1, which), values.gather(1, which)], dim=1)  # (n, 2P + 2)
     return _lm_pair(seq, n_unscored=2 * n_pairs)  # (n, 2P + 1) each
+
+
+# --------------------------------------------------------------------------- a synthetic vision task
+
+
+class ImageTask(NamedTuple):
+    """Images (n, 1, side, side) float32 and labels (n,) int64: training, test and validation sets."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    classes: int
+
+
+def image_task(n_train: int = 2048, n_test: int = 4096, *, n_val: int = 2048, side: int = 10, classes: int = 8,
+               noise: float = 1.5, max_shift: int = 2, seed: int = 0) -> ImageTask:
+    """A small image classification task (chapter 08's large-batch generalization gap): noisy, shifted
+    copies of `classes` random smooth templates; the label is the template.
+
+    Each template is a (side/2)^2 Gaussian pattern upsampled bilinearly to side x side and
+    scaled to unit pixel std. A sample is its class's template, rolled by up to `max_shift`
+    pixels along each axis, times a contrast uniform in [0.5, 1.5], plus N(0, noise^2) pixel
+    noise. Deterministic in `seed`; the test and validation sets (the latter for choosing
+    hyperparameters) are drawn independently of the training set from the same distribution.
+    """
+    who = "image_task"
+    n_train = _checks.integer(who, "n_train", n_train, low=1)
+    n_test = _checks.integer(who, "n_test", n_test, low=1)
+    n_val = _checks.integer(who, "n_val", n_val, low=1)
+    side = _checks.integer(who, "side", side, low=2)
+    classes = _checks.integer(who, "classes", classes, low=2)
+    noise = _checks.number(who, "noise", noise, low=0.0)
+    max_shift = _checks.integer(who, "max_shift", max_shift, low=0)
+    seed = _checks.integer(who, "seed", seed, low=0)
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(classes, 1, side // 2, side // 2, generator=g)  # (classes, 1, side/2, side/2)
+    templates = F.interpolate(base, size=(side, side), mode="bilinear", align_corners=False)[:, 0]  # (classes, s, s)
+    templates = templates / templates.flatten(1).std(1)[:, None, None]
+    offsets = range(-max_shift, max_shift + 1)
+    shifted = [torch.roll(templates, (a, b), (1, 2)) for a in offsets for b in offsets]
+    bank = torch.stack(shifted, 1)  # (classes, shifts, s, s)
+
+    def draw(n: int, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed * 1000 + stream)
+        y = torch.randint(classes, (n,), generator=gen)  # (n,)
+        shift = torch.randint(bank.shape[1], (n,), generator=gen)  # (n,)
+        contrast = 0.5 + torch.rand(n, 1, 1, generator=gen)  # (n, 1, 1)
+        x = contrast * bank[y, shift] + noise * torch.randn(n, side, side, generator=gen)  # (n, s, s)
+        return x.unsqueeze(1), y
+
+    x_train, y_train = draw(n_train, 1)
+    x_test, y_test = draw(n_test, 2)
+    x_val, y_val = draw(n_val, 3)
+    return ImageTask(x_train, y_train, x_val, y_val, x_test, y_test, classes)
 
 
 # --------------------------------------------------------------------------- build command

@@ -34,3 +34,13 @@ def _cpu_profile_unless_gpu(request, monkeypatch):
     """Tests run the CPU profile (and file records under 'cpu') unless marked `gpu`, even on a GPU machine."""
     if request.node.get_closest_marker("gpu") is None:
         monkeypatch.setenv("LABKIT_DEVICE", "cpu")
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: on a shared 2-core machine a second OpenMP thread makes tiny ops
+    (an SVD, a small matmul) up to ~100x slower. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -276,3 +276,16 @@ def test_associative_recall(n, n_pairs, vocab, seed):
 def test_tasks_reject_bad_input(fn, kw, match):
     with pytest.raises((ValueError, TypeError), match=match):
         fn(**kw)
+
+
+def test_image_task_is_deterministic_and_balanced():
+    a, b = ds.image_task(256, 128, n_val=64, seed=3), ds.image_task(256, 128, n_val=64, seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(a[:6], b[:6]))
+    assert a.x_train.shape == (256, 1, 10, 10) and a.x_test.shape == (128, 1, 10, 10) and a.classes == 8
+    assert a.x_val.shape == (64, 1, 10, 10) and a.y_val.shape == (64,)
+    assert a.y_train.bincount(minlength=8).min() > 10
+    assert not torch.equal(a.x_train[:128], a.x_test) and not torch.equal(a.x_val, a.x_test[:64])
+    c = ds.image_task(256, 128, seed=4)
+    assert not torch.equal(a.x_train, c.x_train)
+    with pytest.raises(ValueError, match=r"image_task: classes must be an int >= 2, got 1"):
+        ds.image_task(10, 10, classes=1)

@@ -26,13 +26,7 @@ with warnings.catch_warnings():
 GALORE = dict(rank=3, update_proj_gap=3, scale=0.25)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: on a shared 2-core machine a second OpenMP thread makes an SVD ~100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread (conftest.py)
 
 
 def reference(params_2d, params_1d, proj_type="std", **kw):

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import labkit
 from labkit.benchmarks import ghost_bn as gbn_bench
+from labkit.datasets import image_task
 from labkit.train import ghost_bn as gbn
 from labkit.train.ghost_bn import GhostBatchNorm, GhostBatchNorm1d, GhostBatchNorm2d
 from labkit.viz import ghost_bn as gbn_viz
@@ -486,21 +487,8 @@ def test_not_attempted_is_reported():
 # --- the experiment harness, figures and benchmarks (tiny sizes) ----------------------------------
 
 
-def test_image_task_is_deterministic_and_balanced():
-    a, b = gbn_bench.image_task(256, 128, n_val=64, seed=3), gbn_bench.image_task(256, 128, n_val=64, seed=3)
-    assert all(torch.equal(p, q) for p, q in zip(a[:6], b[:6]))
-    assert a.x_train.shape == (256, 1, 10, 10) and a.x_test.shape == (128, 1, 10, 10) and a.classes == 8
-    assert a.x_val.shape == (64, 1, 10, 10) and a.y_val.shape == (64,)
-    assert a.y_train.bincount(minlength=8).min() > 10
-    assert not torch.equal(a.x_train[:128], a.x_test) and not torch.equal(a.x_val, a.x_test[:64])
-    c = gbn_bench.image_task(256, 128, seed=4)
-    assert not torch.equal(a.x_train, c.x_train)
-    with pytest.raises(ValueError, match=r"image_task: classes must be an int >= 2, got 1"):
-        gbn_bench.image_task(10, 10, classes=1)
-
-
 def test_train_run_learns_and_ghost_model_is_converted():
-    task = gbn_bench.image_task(256, 256, n_val=128, noise=0.5)
+    task = image_task(256, 256, n_val=128, noise=0.5)
     r = gbn_bench.train_run(task, 64, 0.1, epochs=4, width=32, ghost_batch_size=16)
     assert r["steps"] == 16 and len(r["test_acc_curve"]) == 4
     assert r["test_acc"] > 0.5 > 1 / task.classes  # far above chance after 16 steps on an easy version

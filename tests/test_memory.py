@@ -15,12 +15,7 @@ from labkit.models import GPTConfig, TinyGPT
 from labkit.optim import memory as mem
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread (conftest.py)
 
 
 def tinygpt(**kw):

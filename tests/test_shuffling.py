@@ -225,19 +225,6 @@ def test_mean_item_age():
     assert sh.mean_item_age([]) == 0.0
 
 
-# --- spikes -------------------------------------------------------------------------------------
-
-
-def test_spike_steps_on_a_constructed_trace():
-    trace = [3.0 - 0.001 * t for t in range(100)]
-    for t in (40, 70):
-        trace[t] += 1.0  # two one-step spikes
-    trace[71] += 0.8  # ... the second lasting two steps
-    assert sh.spike_steps(trace, window=20, threshold=0.15) == [40, 70]
-    assert sh.spike_steps([3.0] * 50) == []
-    assert sh.spike_steps(trace, window=200) == []  # no full window: nothing judged
-
-
 def test_step_jitter():
     assert sh.step_jitter([1.0, 2.0, 1.0, 2.0]) == pytest.approx(1.0)
     assert sh.step_jitter([1.0, 2.0, 1.0, 2.0], start=2) == pytest.approx(1.0)
@@ -326,8 +313,6 @@ def test_train_in_order_runs_and_reports():
     (lambda: sh.kl_to_dataset(torch.ones(1, 2), [1.0]), ValueError, "kl_to_dataset: p must be 2 proportions"),
     (lambda: sh.variance_ratio([1.0, 2.0], [0, 1], 4), ValueError, "variance_ratio: order must hold at least one"),
     (lambda: sh.variance_ratio([1.0, 2.0], [0, 5], 1), ValueError, "variance_ratio: order must index into values"),
-    (lambda: sh.spike_steps([1.0, 2.0], window=0), ValueError, "spike_steps: window must be an int >= 1"),
-    (lambda: sh.spike_steps([1.0, 2.0], threshold=0.0), ValueError, r"spike_steps: threshold must be in \(0"),
     (lambda: sh.step_jitter([1.0]), ValueError, "step_jitter: need at least 2 losses"),
     (lambda: sh.letter_permutations(0, "abc"), ValueError, "letter_permutations: n_sources must be an int >= 1"),
     (lambda: sh.letter_permutations(1, "abc"), ValueError, "letter_permutations: chars must contain all of"),

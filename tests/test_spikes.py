@@ -28,6 +28,25 @@ def test_scores_by_hand():
     spiked = calm[:-1] + [20.0]
     assert sp.mad_score(spiked, 2.2) == pytest.approx(sp.mad_score(calm, 2.2), rel=0.1)
     assert sp.z_score(spiked, 2.2) < 0.1 * sp.z_score(calm, 2.2)
+    assert sp.relative_rise([1.0, 2.0, 3.0], 2.5) == pytest.approx(0.25)          # 25% above the median 2
+    assert sp.relative_rise([-2.0, -2.0], -1.0) == pytest.approx(0.5)              # the level's magnitude
+    assert sp.relative_rise([0.0, 0.0], 0.1) == math.inf
+
+
+def test_relative_method_on_a_constructed_trace():
+    """Chapter 09's rule: 15% above the median of the previous 20 steps, a run of flagged steps counted once."""
+    trace = [3.0 - 0.001 * t for t in range(100)]
+    for t in (40, 70):
+        trace[t] += 1.0  # two one-step spikes
+    trace[71] += 0.8  # ... the second lasting two steps
+    kw = dict(method="relative", window=20, min_history=20, threshold=0.15)
+    flagged = sp.detect_spikes(trace, **kw)
+    assert flagged == [40, 70, 71]
+    assert [a for a, _ in sp.spike_events(flagged)] == [40, 70]
+    assert sp.detect_spikes([3.0] * 50, **kw) == []
+    assert sp.detect_spikes(trace[:20], **kw) == []  # no full window: nothing judged
+    assert sp.detect_spikes(trace, **{**kw, "threshold": 0.3}) == [40, 70]  # step 71 rises 0.8 / 2.95 = 27%
+    assert sp.detect_spikes(trace, **{**kw, "threshold": 0.35}) == []       # the spikes rise 1 / 2.96 = 34%
 
 
 @given(n=st.integers(3, 40), seed=st.integers(0, 2**16))
@@ -95,13 +114,13 @@ def test_log_mode_and_min_delta():
 
 
 @given(seed=st.integers(0, 2**16), window=st.integers(5, 40), threshold=st.floats(1.0, 10.0),
-       method=st.sampled_from(["mad", "zscore"]))
+       method=st.sampled_from(["mad", "zscore", "relative"]))
 def test_streaming_verdicts_equal_recomputation(seed, window, threshold, method):
     rng = random.Random(seed)
     losses = [1.0 + 0.1 * rng.gauss(0, 1) + (5.0 if rng.random() < 0.05 else 0.0) for _ in range(80)]
     got = sp.detect_spikes(losses, window=window, threshold=threshold, method=method, min_history=3)
     want, hist = [], []
-    score = sp.mad_score if method == "mad" else sp.z_score
+    score = {"mad": sp.mad_score, "zscore": sp.z_score, "relative": sp.relative_rise}[method]
     for t, x in enumerate(losses):
         if len(hist) >= 3 and score(hist[-window:], x) > threshold:
             want.append(t)
@@ -119,7 +138,7 @@ def test_spike_events():
     (dict(window=1), ValueError, "SpikeDetector: window must be an int >= 2, got 1"),
     (dict(window=2.5), TypeError, "SpikeDetector: window must be an int, got float 2.5"),
     (dict(threshold=0.0), ValueError, r"SpikeDetector: threshold must be in \(0, inf\), got 0.0"),
-    (dict(method="iqr"), ValueError, r"SpikeDetector: method must be one of \('mad', 'zscore'\), got 'iqr'"),
+    (dict(method="iqr"), ValueError, r"SpikeDetector: method must be one of \('mad', 'zscore', 'relative'\), got 'iqr'"),
     (dict(min_history=60), ValueError, "SpikeDetector: min_history must be <= window=50, got 60"),
     (dict(min_delta=-1.0), ValueError, r"SpikeDetector: min_delta must be in \[0, inf\), got -1.0"),
     (dict(log="yes"), TypeError, "SpikeDetector: log must be a bool, got str 'yes'"),
@@ -132,6 +151,8 @@ def test_detector_bad_arguments(kwargs, error, match):
 def test_score_bad_arguments():
     with pytest.raises(ValueError, match="mad_score: history must hold at least 1 loss, got 0"):
         sp.mad_score([], 1.0)
+    with pytest.raises(ValueError, match="relative_rise: history must hold at least 1 loss, got 0"):
+        sp.relative_rise([], 1.0)
     with pytest.raises(ValueError, match="z_score: history must hold at least 2 losses, got 1"):
         sp.z_score([1.0], 1.0)
     with pytest.raises(TypeError, match="mad_score: history must be a sequence of numbers, got float"):

@@ -19,21 +19,12 @@ from collections.abc import Callable
 import torch
 
 from labkit import bench, datasets, runtime
+from labkit.benchmarks.adamw import _configs  # the same TinyGPT sizes as chapter 04's AdamW benchmark
 from labkit.models import GPTConfig, TinyGPT
 from labkit.train import clipping
 from labkit.train.spikes import GradNormRecorder
 
 MAX_NORM = 1.0
-
-
-def _configs(quick: bool) -> list[dict]:
-    cpu = [dict(n_layer=2, n_embd=64, n_head=4)]
-    if not quick:
-        cpu.append(dict(n_layer=4, n_embd=128, n_head=4))
-    gpu = [dict(n_layer=6, n_embd=512, n_head=8)]
-    if not quick:
-        gpu.append(dict(n_layer=12, n_embd=768, n_head=12))
-    return runtime.pick(cpu=cpu, gpu=gpu)
 
 
 def variants() -> dict[str, Callable[[list[torch.Tensor]], torch.Tensor]]:

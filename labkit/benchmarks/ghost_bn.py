@@ -6,14 +6,13 @@
    one after a convolution, plus the naive implementation (one F.batch_norm call per ghost
    batch, loop_ms) that labkit's folded one replaces.
 2. kind "generalization" (full run only): the large-batch generalization gap on a small
-   synthetic vision task (`image_task`): the same MLP with batch norm trained for the same
+   synthetic vision task (`labkit.datasets.image_task`): the same MLP with batch norm trained for the same
    number of epochs with a small batch, with a large batch (at Hoffer et al.'s sqrt-scaled
    learning rate and at the best one of a sweep), and with the large batch and ghost batch
    norm at several ghost sizes; test accuracy and loss, mean and spread over seeds. Kind
    "lr_sweep" holds the sweep behind the learning rates in `settings`.
 
-The synthetic task (`image_task`) lives here because only this chapter uses it; it could move
-to labkit.datasets if another chapter wants it.
+The synthetic task (`image_task`) lives in labkit.datasets.
 """
 
 from __future__ import annotations
@@ -21,70 +20,14 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from labkit import _checks, bench, runtime
+from labkit.datasets import ImageTask, image_task
 from labkit.train import ghost_bn as gbn
-
-# --- a small synthetic vision task ---------------------------------------------------------
-
-
-class ImageTask(NamedTuple):
-    """Images (n, 1, side, side) float32 and labels (n,) int64: training, test and validation sets."""
-
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    classes: int
-
-
-def image_task(n_train: int = 2048, n_test: int = 4096, *, n_val: int = 2048, side: int = 10, classes: int = 8,
-               noise: float = 1.5, max_shift: int = 2, seed: int = 0) -> ImageTask:
-    """Noisy, shifted copies of `classes` random smooth templates; the label is the template.
-
-    Each template is a (side/2)^2 Gaussian pattern upsampled bilinearly to side x side and
-    scaled to unit pixel std. A sample is its class's template, rolled by up to `max_shift`
-    pixels along each axis, times a contrast uniform in [0.5, 1.5], plus N(0, noise^2) pixel
-    noise. Deterministic in `seed`; the test and validation sets (the latter for choosing
-    hyperparameters) are drawn independently of the training set from the same distribution.
-    """
-    who = "image_task"
-    n_train = _checks.integer(who, "n_train", n_train, low=1)
-    n_test = _checks.integer(who, "n_test", n_test, low=1)
-    n_val = _checks.integer(who, "n_val", n_val, low=1)
-    side = _checks.integer(who, "side", side, low=2)
-    classes = _checks.integer(who, "classes", classes, low=2)
-    noise = _checks.number(who, "noise", noise, low=0.0)
-    max_shift = _checks.integer(who, "max_shift", max_shift, low=0)
-    seed = _checks.integer(who, "seed", seed, low=0)
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(classes, 1, side // 2, side // 2, generator=g)  # (classes, 1, side/2, side/2)
-    templates = F.interpolate(base, size=(side, side), mode="bilinear", align_corners=False)[:, 0]  # (classes, s, s)
-    templates = templates / templates.flatten(1).std(1)[:, None, None]
-    offsets = range(-max_shift, max_shift + 1)
-    shifted = [torch.roll(templates, (a, b), (1, 2)) for a in offsets for b in offsets]
-    bank = torch.stack(shifted, 1)  # (classes, shifts, s, s)
-
-    def draw(n: int, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
-        gen = torch.Generator().manual_seed(seed * 1000 + stream)
-        y = torch.randint(classes, (n,), generator=gen)  # (n,)
-        shift = torch.randint(bank.shape[1], (n,), generator=gen)  # (n,)
-        contrast = 0.5 + torch.rand(n, 1, 1, generator=gen)  # (n, 1, 1)
-        x = contrast * bank[y, shift] + noise * torch.randn(n, side, side, generator=gen)  # (n, s, s)
-        return x.unsqueeze(1), y
-
-    x_train, y_train = draw(n_train, 1)
-    x_test, y_test = draw(n_test, 2)
-    x_val, y_val = draw(n_val, 3)
-    return ImageTask(x_train, y_train, x_val, y_val, x_test, y_test, classes)
-
 
 # --- the model and one training run --------------------------------------------------------
 
@@ -314,5 +257,5 @@ def run(quick: bool = False) -> list[dict]:
     return timing_rows(quick) + ([] if quick else generalization_rows(quick))
 
 
-__all__ = ["ImageTask", "evaluate", "generalization_rows", "image_task", "make_model", "naive_ghost_batch_norm",
+__all__ = ["evaluate", "generalization_rows", "make_model", "naive_ghost_batch_norm",
            "plan", "run", "settings", "sweep_plan", "timing_rows", "train_run"]

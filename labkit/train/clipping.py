@@ -116,14 +116,20 @@ def _grouped_norms(tensors: list[torch.Tensor], p: float, foreach) -> tuple[list
     return order, norms
 
 
+def _norm_args(owner: str, tensors, norm_type, foreach) -> tuple[list[torch.Tensor], float]:
+    """The checked arguments shared by tensor_norms and global_norm: (tensors, p)."""
+    tensors = _as_tensors(owner, "tensors", tensors)
+    p = check_norm_type(owner, norm_type)
+    _check_foreach(owner, foreach)
+    return tensors, p
+
+
 @torch.no_grad()
 def tensor_norms(tensors, norm_type: float = 2.0, foreach: bool | None = None) -> torch.Tensor:
     """||t_i||_p of every tensor, in input order: a (n,) tensor on the first tensor's device.
 
     Empty input: a (0,) float32 tensor. Norms of mixed dtypes are promoted by torch.stack."""
-    tensors = _as_tensors("tensor_norms", "tensors", tensors)
-    p = check_norm_type("tensor_norms", norm_type)
-    _check_foreach("tensor_norms", foreach)
+    tensors, p = _norm_args("tensor_norms", tensors, norm_type, foreach)
     if not tensors:
         return torch.zeros(0)
     order, norms = _grouped_norms(tensors, p, foreach)
@@ -138,9 +144,7 @@ def global_norm(tensors, norm_type: float = 2.0, foreach: bool | None = None) ->
 
     Computed as torch computes it (per-tensor norms, then the norm of their stack), so the value
     matches `torch.nn.utils.get_total_norm` bit for bit. Empty input: tensor(0.)."""
-    tensors = _as_tensors("global_norm", "tensors", tensors)
-    p = check_norm_type("global_norm", norm_type)
-    _check_foreach("global_norm", foreach)
+    tensors, p = _norm_args("global_norm", tensors, norm_type, foreach)
     if not tensors:
         return torch.tensor(0.0)
     _, norms = _grouped_norms(tensors, p, foreach)

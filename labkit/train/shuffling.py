@@ -41,9 +41,9 @@ For a numeric per-example value v_i (length, difficulty, loss) the analogue is t
 variance that lies *between* batches, sum_b B (mean_b - mean)^2 / sum_i (v_i - mean)^2: 1 when
 every batch is homogeneous (sorted data), about 1/B under a full shuffle.
 
-Spikes. `spike_steps(losses)` flags step t when its loss exceeds the median of the previous
-`window` losses by more than `threshold` (relative): a loss spike in the sense of the source
-article (a sudden rise that is followed by a fall), robust to the slow trend of training.
+Spikes are flagged with labkit.train.spikes (`detect_spikes(losses, method="relative", ...)`:
+a step whose loss exceeds the median of the previous steps by more than a relative threshold).
+`step_jitter` measures how much the loss jumps from one batch to the next.
 
 The demo. `clustered_corpus` builds a corpus stored by source, the way a concatenated corpus is:
 n_sources contiguous regions of the Shakespeare character corpus, each written in its own
@@ -334,28 +334,7 @@ def mean_item_age(order) -> float:
     return (idx - torch.arange(idx.numel())).abs().double().mean().item() if idx.numel() else 0.0
 
 
-# --------------------------------------------------------------------------- spikes
-
-
-def spike_steps(losses: Sequence[float] | torch.Tensor, *, window: int = 20, threshold: float = 0.15) -> list[int]:
-    """Steps t whose loss exceeds the median of losses[t - window : t] by more than `threshold` (relative).
-
-    Only steps with a full window are judged; consecutive flagged steps count as one spike
-    (the first step of each run is returned).
-    """
-    owner = "spike_steps"
-    w = _checks.integer(owner, "window", window, low=1)
-    thr = _checks.number(owner, "threshold", threshold, low=0.0, low_open=True)
-    x = torch.as_tensor(losses, dtype=torch.float64).flatten()  # (T,)
-    out: list[int] = []
-    prev = False
-    for t in range(w, x.numel()):
-        ref = x[t - w:t].median().item()
-        now = bool(x[t] > ref * (1 + thr)) if math.isfinite(ref) else False
-        if now and not prev:
-            out.append(t)
-        prev = now
-    return out
+# --------------------------------------------------------------------------- loss jitter
 
 
 def step_jitter(losses: Sequence[float] | torch.Tensor, *, start: int = 0) -> float:
@@ -497,5 +476,5 @@ __all__ = [
     "STRATEGIES", "ClusteredCorpus", "batch_correlation", "batch_counts", "batch_entropy", "batches_in_order",
     "buffer_shuffle", "chi_square", "clustered_corpus", "epochs", "full_shuffle", "kl_to_dataset",
     "epoch_order", "letter_permutations", "loss_per_source", "majority_share", "mean_item_age", "sequential",
-    "shard_shuffle", "spike_steps", "step_jitter", "train_in_order", "variance_ratio",
+    "shard_shuffle", "step_jitter", "train_in_order", "variance_ratio",
 ]

@@ -16,11 +16,14 @@ Detection. Over a sliding window of the last W finite losses h_1..h_W, a new los
 
     robust ("mad"):  s = (x − median(h)) / (1.4826 · median(|h − median(h)|))
     plain ("zscore"): s = (x − mean(h)) / std(h)          (sample std, W − 1 in the denominator)
+    relative ("relative"): s = (x − median(h)) / |median(h)|   (the rise as a fraction of the level)
 
 and is flagged when s > threshold and x − centre > min_delta. 1.4826 = 1/Φ⁻¹(3/4) makes the MAD
 estimate σ for Gaussian noise. The median and MAD ignore the spikes inside the window (a 50%
 breakdown point); the mean and std do not, so one spike inflates std and can mask the next one
-for W steps. A non-finite loss is always flagged and never enters the window. Even-length
+for W steps. The relative rise ignores the noise level: it suits a loss whose step-to-step
+noise is small next to the jump (chapter 09 flags a step 15% above the median of the previous 20;
+a zero median reads as an infinitely tight window). A non-finite loss is always flagged and never enters the window. Even-length
 medians average the two middle values (statistics.median).
 
 Why Adam turns one bad batch into a burst (the maths the chapter measures). Before step 0 a
@@ -63,7 +66,7 @@ from labkit.optim import AdamW
 from labkit.train import clipping
 
 MAD_TO_SIGMA = 1.4826  # 1 / Φ⁻¹(3/4): MAD · 1.4826 estimates σ of Gaussian noise
-METHODS = ("mad", "zscore")
+METHODS = ("mad", "zscore", "relative")
 
 
 # --- scores -----------------------------------------------------------------------------------
@@ -106,13 +109,27 @@ def z_score(history, loss: float) -> float:
     return _score(loss - statistics.fmean(h), statistics.stdev(h))
 
 
+def relative_rise(history, loss: float) -> float:
+    """(loss − median(history)) / |median(history)|: the rise of `loss` as a fraction of the window's level."""
+    h = _history("relative_rise", history)
+    if not h:
+        raise ValueError("relative_rise: history must hold at least 1 loss, got 0")
+    loss = _checks.number("relative_rise", "loss", loss)
+    centre = statistics.median(h)
+    return _score(loss - centre, abs(centre))
+
+
+_SCORES = {"mad": mad_score, "zscore": z_score, "relative": relative_rise}
+
+
 # --- the streaming detector ---------------------------------------------------------------------
 
 
 class SpikeDetector:
     """Flags loss spikes online: `update(loss) -> bool`, the flagged step indices in `.flagged`.
 
-    method: "mad" (rolling median / MAD, robust) or "zscore" (rolling mean / std).
+    method: "mad" (rolling median / MAD, robust), "zscore" (rolling mean / std) or "relative"
+    (rise above the rolling median as a fraction of it; threshold 0.15 = 15% above).
     window: how many recent finite losses are the reference. threshold: the score above which a
     loss is a spike. min_history: no verdict (False) before this many losses are in the window.
     min_delta: the loss must also exceed the centre by this much (guards against a window so
@@ -146,8 +163,7 @@ class SpikeDetector:
         """The score `loss` would get now (nan while the window holds fewer than min_history losses)."""
         if len(self._window) < self.min_history:
             return math.nan
-        fn = mad_score if self.method == "mad" else z_score
-        return fn(list(self._window), loss)
+        return _SCORES[self.method](list(self._window), loss)
 
     def update(self, loss) -> bool:
         """Feed the next loss (a float or a 0-d tensor); True if it is a spike."""
@@ -166,7 +182,8 @@ class SpikeDetector:
             s = self.score(loss)                     # nan before min_history: no verdict
             spike = False
             if not math.isnan(s):
-                centre = statistics.median(self._window) if self.method == "mad" else statistics.fmean(self._window)
+                centre = (statistics.fmean(self._window) if self.method == "zscore"
+                          else statistics.median(self._window))
                 spike = s > self.threshold and loss - centre > self.min_delta
             self._window.append(loss)
         if spike:
@@ -536,5 +553,5 @@ def provoke_spikes(task: str = "mlp", *, steps: int = 600, lr: float = 3e-3, bet
 
 __all__ = ["DeepMLP", "GradNormRecorder", "MAD_TO_SIGMA", "METHODS", "SpikeDetector", "SpikeRun", "TASKS",
            "adam_bad_batch_response", "detect_spikes", "full_batches", "layer_of", "mad_score", "provoke_spikes",
-           "repeat_tokens", "rise_events", "sample_batches", "scale_targets", "spike_events", "teacher_task",
+           "relative_rise", "repeat_tokens", "rise_events", "sample_batches", "scale_targets", "spike_events", "teacher_task",
            "train_and_watch", "z_score"]
