@@ -9,12 +9,13 @@
     crash-safe (async) checkpoints, resume  labkit.train.checkpoint  chapter 11
 """
 
-from labkit.train import checkpoint, clipping, curriculum, ghost_bn, shuffling, spikes
+from labkit.train import checkpoint, clipping, curriculum, ghost_bn, scaling, shuffling, spikes
 from labkit.train.clipping import clip_grad_norm_
 from labkit.train.ghost_bn import GhostBatchNorm, GhostBatchNorm1d, GhostBatchNorm2d, convert_to_ghost_batchnorm
 from labkit.train.spikes import GradNormRecorder, SpikeDetector
 
 __all__ = [
     "GhostBatchNorm", "GhostBatchNorm1d", "GhostBatchNorm2d", "GradNormRecorder", "SpikeDetector", "checkpoint",
-    "clip_grad_norm_", "clipping", "convert_to_ghost_batchnorm", "curriculum", "ghost_bn", "shuffling", "spikes",
+    "clip_grad_norm_", "clipping", "convert_to_ghost_batchnorm", "curriculum", "ghost_bn", "scaling", "shuffling",
+    "spikes",
 ]
