@@ -1,0 +1,1 @@
+"""Part IV: distributed training on real torch.distributed process groups."""
