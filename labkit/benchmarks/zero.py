@@ -1,0 +1,268 @@
+"""Benchmarks of chapter 12-zero, and the experiment its ranks run.
+
+1. kind "stage": one TinyGPT trained on 2 ranks (gloo on a CPU; NCCL when every rank has a GPU)
+   with the same global batches at ZeRO stages 0-3, and with torch's ZeroRedundancyOptimizer (the
+   production counterpart of stage 1). Each row: median step time (median_ms; baseline_ms is stage
+   0's, ratio = baseline / median), model-state bytes per rank measured and as memory_per_rank
+   predicts them, elements through the collectives per step measured and as comm_volume predicts,
+   the peak of full gradients (stages 0-2) or of gathered parameters (stage 3) a rank held, and the
+   largest distance of losses and parameters from a single-process run over all steps.
+2. kind "offload": OffloadedModel (ZeRO-Infinity) steps with parameters and optimizer states on each
+   tier, with and without prefetch, against the same model trained in memory (baseline_ms): bytes
+   read and written per step, peak device-resident parameter bytes, distance to the in-memory run.
+3. kind "bandwidth": this machine's disk write and read (page cache dropped), host copy and, on a
+   GPU, host <-> device bandwidth; median_ms is the time to move nbytes, baseline_ms that of the host
+   copy (ratio = bandwidth / host-copy bandwidth).
+
+`train_stages` is the function the ranks run (launch imports it by name); the chapter calls it too.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from labkit import bench, datasets, runtime
+from labkit.models import GPTConfig, TinyGPT
+from labkit.parallel import offload as off
+from labkit.parallel import zero
+from labkit.parallel.launch import default_backend, launch, rank_device
+
+MODES = (0, 1, 2, 3, "torch_zero1")
+
+
+def settings(quick: bool = False) -> dict:
+    """Model and run sizes for the current profile."""
+    if not isinstance(quick, bool):
+        raise TypeError(f"settings: quick must be a bool, got {type(quick).__name__}")
+    if runtime.on_gpu():
+        return dict(model=dict(n_layer=4, n_embd=256, n_head=4, block_size=128), batch=16, steps=10 if quick else 20,
+                    bucket_numel=2**18, world_size=2,
+                    offload_model=dict(n_layer=8, n_embd=1024, n_head=16, block_size=256), offload_batch=8,
+                    offload_steps=3 if quick else 6, bandwidth_bytes=256 << 20)
+    return dict(model=dict(n_layer=2, n_embd=32, n_head=2, block_size=32), batch=8, steps=5 if quick else 20,
+                bucket_numel=2**12, world_size=2,
+                offload_model=dict(n_layer=3, n_embd=128, n_head=4, block_size=64), offload_batch=8,
+                offload_steps=3 if quick else 6, bandwidth_bytes=16 << 20 if quick else 64 << 20)
+
+
+def make_model(model: dict, seed: int = 0, *, tie_embeddings: bool = True) -> TinyGPT:
+    """A seeded TinyGPT over the char vocabulary (the same weights on every rank)."""
+    runtime.seed_everything(seed)
+    vocab = datasets.get_tokenizer("char").vocab_size
+    return TinyGPT(GPTConfig(vocab_size=vocab, tie_embeddings=tie_embeddings, **model))
+
+
+def global_batches(steps: int, batch: int, block_size: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The same `steps` global batches (batch, block_size) of the char corpus, wherever they are made."""
+    stream = datasets.batches(datasets.token_dataset("char"), batch, block_size, seed=seed)
+    return [next(stream) for _ in range(steps)]
+
+
+@contextmanager
+def _one_thread():
+    """One intra-op thread inside the block. A CPU matmul's rounding depends on how many threads split it:
+    the ranks and the single-process reference both compute with one, so that they agree bit for bit."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _flat(tensors) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1).cpu() for t in tensors])
+
+
+def reference_run(model: dict, steps: int, batch: int, lr: float = 1e-2, seed: int = 0, world_size: int = 1,
+                  device: torch.device | str = "cpu") -> dict:
+    """One process, plain torch.optim.AdamW, each global batch as `world_size` equal slices whose gradients are
+    accumulated (loss / world_size each): the sum data parallelism computes, in the same order, so with
+    2 ranks on the same kind of device the ranks match it bit for bit. Returns the losses and flat
+    parameters (on the CPU) per step."""
+    m = make_model(model, seed).to(device)
+    opt = torch.optim.AdamW(m.parameters(), lr=lr)
+    losses, params = [], []
+    with _one_thread():
+        for x, y in global_batches(steps, batch, model["block_size"], seed):
+            total = 0.0
+            for xs, ys in zip(x.chunk(world_size), y.chunk(world_size)):
+                loss = m(xs.to(device), ys.to(device))[1] / world_size
+                loss.backward()
+                total += loss.item()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(total)
+            params.append(_flat(m.parameters()))
+    return dict(losses=losses, params=params, num_params=m.num_params())
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def train_stages(modes=MODES, model: dict | None = None, steps: int = 20, batch: int = 8, lr: float = 1e-2,
+                 seed: int = 0, bucket_numel: int = zero.DEFAULT_BUCKET_NUMEL, keep_params: bool = True) -> dict:
+    """Run on every rank: train a TinyGPT `steps` steps per mode (a ZeRO stage, or "torch_zero1" for
+    ZeroRedundancyOptimizer), each rank on its slice of the same global batches.
+
+    Returns mode -> {losses (global mean per step), params (flat, per step, if keep_params), step_ms,
+    bytes (ZeroMemory held after the last optimizer step, gradients not yet zeroed), comm (elements per
+    step) and collectives (calls per step), peak_grad_bytes /
+    peak_gathered_bytes, num_params, padded_params}."""
+    model = model or settings()["model"]
+    r, n = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if batch % n:
+        raise ValueError(f"train_stages: batch must be divisible by the world size {n}, got {batch}")
+    dev, b = rank_device(), batch // n
+    data = global_batches(steps, batch, model["block_size"], seed)
+    out = {}
+    with _one_thread():
+        for mode in modes:
+            if mode == "torch_zero1" and not dist.is_initialized():
+                continue  # ZeroRedundancyOptimizer needs a process group
+            m = make_model(model, seed).to(dev)
+            num_params = m.num_params()
+            forward, log, wrapper = m, None, None
+            if mode == 3:
+                forward = wrapper = zero.Zero3Module(m)
+                opt = torch.optim.AdamW(wrapper.parameters(), lr=lr)
+                log = wrapper.comm
+            elif mode == "torch_zero1":
+                from torch.distributed.optim import ZeroRedundancyOptimizer
+
+                opt = ZeroRedundancyOptimizer(m.parameters(), torch.optim.AdamW, lr=lr)
+            else:
+                opt = zero.ZeroOptimizer(m.parameters(), torch.optim.AdamW, mode, lr=lr, bucket_numel=bucket_numel)
+                log = opt.comm
+            losses, params, times, held = [], [], [], None
+            for step, (x, y) in enumerate(data):
+                x, y = x[r * b:(r + 1) * b].to(dev), y[r * b:(r + 1) * b].to(dev)
+                _sync(dev)
+                t0 = time.perf_counter()
+                loss = forward(x, y)[1]
+                loss.backward()
+                if mode == "torch_zero1" and n > 1:  # ZeroRedundancyOptimizer expects averaged gradients (DDP's job)
+                    for p in m.parameters():
+                        dist.all_reduce(p.grad)
+                        p.grad /= n
+                opt.step()
+                if step == len(data) - 1 and mode != "torch_zero1":  # every model state exists now: measure it
+                    held = wrapper.rank_bytes(opt) if wrapper is not None else opt.rank_bytes()
+                opt.zero_grad(set_to_none=True)
+                _sync(dev)
+                times.append((time.perf_counter() - t0) * 1e3)
+                mean = loss.detach().clone()
+                if n > 1:
+                    dist.all_reduce(mean)
+                losses.append(mean.item() / n)
+                if keep_params:
+                    params.append(_flat(wrapper.full_parameters().values() if wrapper else m.parameters()))
+            res = dict(losses=losses, params=params, step_ms=statistics.median(times), num_params=num_params)
+            if wrapper is not None:
+                res.update(bytes=held, padded_params=sum(u.bucket.padded for u in wrapper.units),
+                           peak_gathered_bytes=wrapper.peak_gathered_bytes)
+            elif mode != "torch_zero1":
+                res.update(bytes=held, padded_params=sum(bk.padded for bk in opt.buckets),
+                           peak_grad_bytes=opt.peak_grad_bytes)
+            if log is not None:
+                res.update(comm=log.volume() / steps, collectives=len(log.calls) / steps)
+            out[mode] = res
+    return out
+
+
+def stage_rows(quick: bool = False) -> list[dict]:
+    """kind "stage": ZeRO stages 0-3 and ZeroRedundancyOptimizer on s["world_size"] ranks, side by side."""
+    s = settings(quick)
+    n = s["world_size"]
+    backend = default_backend(n)  # NCCL with a GPU per rank, else gloo on the CPU
+    results = launch(train_stages, n, kwargs=dict(model=s["model"], steps=s["steps"], batch=s["batch"],
+                                                  bucket_numel=s["bucket_numel"]), backend=backend,
+                     timeout=120, deadline=600)
+    ref = reference_run(s["model"], s["steps"], s["batch"], world_size=n,
+                        device="cuda" if backend == "nccl" else "cpu")  # the ranks' kind of device
+    mine = results[0]
+    device = f"{n} ranks, {'NCCL' if backend == 'nccl' else 'gloo on CPU'}"
+    rows = []
+    for mode in [m for m in MODES if m in mine]:
+        r = mine[mode]
+        row = {"name": f"stage {mode}" if mode != "torch_zero1" else "torch ZeroRedundancyOptimizer",
+               "kind": "stage", "stage": mode if mode != "torch_zero1" else 1, "device": device,
+               "params": ref["num_params"], "median_ms": r["step_ms"], "baseline_ms": mine[0]["step_ms"],
+               "ratio": mine[0]["step_ms"] / r["step_ms"], "collectives_per_step": r.get("collectives"),
+               "max_loss_diff": max(abs(a - c) for a, c in zip(r["losses"], ref["losses"])),
+               "max_param_diff": max((p - q).abs().max().item() for p, q in zip(r["params"], ref["params"]))}
+        if "bytes" in r:
+            pred = zero.memory_per_rank(r["padded_params"], row["stage"], n, "adam", torch.float32)
+            row.update(bytes_per_rank=r["bytes"].total, predicted_bytes=pred.total,
+                       comm_per_step=r["comm"],
+                       predicted_comm=zero.comm_volume(r["padded_params"], row["stage"]) if n > 1 else 0.0,
+                       peak_full_bytes=r.get("peak_grad_bytes", r.get("peak_gathered_bytes")))
+        rows.append(row)
+    return rows
+
+
+def offload_rows(quick: bool = False) -> list[dict]:
+    """kind "offload": OffloadedModel on each tier combination vs the in-memory run of the same model."""
+    s = settings(quick)
+    dev = runtime.device()
+    data = global_batches(s["offload_steps"] + 1, s["offload_batch"], s["offload_model"]["block_size"], seed=1)
+    base = make_model(s["offload_model"], 0, tie_embeddings=False)
+    plans = [("gpu", "gpu", True), ("gpu", "cpu", True), ("cpu", "cpu", True), ("cpu", "cpu", False),
+             ("nvme", "nvme", True), ("nvme", "nvme", False)]
+    runs = {}
+    for param_tier, opt_tier, prefetch in plans:
+        with off.OffloadedModel(**off.tinygpt_layers(copy.deepcopy(base)), param_tier=param_tier,
+                                optimizer_tier=opt_tier, prefetch=prefetch, evict_files=True, device=dev,
+                                lr=1e-3) as om:
+            om.step(*data[0])  # warm-up (and the optimizer states get created)
+            read0, written0 = om.io.bytes_read, om.io.bytes_written
+            times, losses = [], []
+            for x, y in data[1:]:
+                t0 = time.perf_counter()
+                losses.append(om.step(x, y))
+                times.append((time.perf_counter() - t0) * 1e3)
+            runs[(param_tier, opt_tier, prefetch)] = dict(
+                ms=statistics.median(times), losses=losses, peak=om.peak_resident_bytes,
+                read=(om.io.bytes_read - read0) / len(times), written=(om.io.bytes_written - written0) / len(times),
+                params=_flat(om.full_parameters().values()))
+    baseline = runs[plans[0]]
+    device = bench.device_name()
+    rows = []
+    for (param_tier, opt_tier, prefetch), r in runs.items():
+        rows.append({"name": f"params:{param_tier} states:{opt_tier}{' prefetch' if prefetch else ''}",
+                     "kind": "offload", "device": device, "param_tier": param_tier, "optimizer_tier": opt_tier,
+                     "prefetch": prefetch, "params": base.num_params(), "median_ms": r["ms"],
+                     "baseline_ms": baseline["ms"], "ratio": baseline["ms"] / r["ms"],
+                     "read_mb_per_step": r["read"] / 1e6, "written_mb_per_step": r["written"] / 1e6,
+                     "peak_resident_mb": r["peak"] / 1e6,
+                     "max_loss_diff": max(abs(a - c) for a, c in zip(r["losses"], baseline["losses"])),
+                     "max_param_diff": (r["params"] - baseline["params"]).abs().max().item()})
+    return rows
+
+
+def bandwidth_rows(quick: bool = False) -> list[dict]:
+    """kind "bandwidth": measured GB/s of this machine's tiers."""
+    s = settings(quick)
+    nbytes = s["bandwidth_bytes"]
+    bw = off.measure_bandwidth(nbytes=nbytes, repeats=2 if quick else 3)
+    device, base_ms = bench.device_name(), nbytes / bw["host_copy"] * 1e3
+    return [{"name": f"bandwidth {k}", "kind": "bandwidth", "device": device, "transfer": k, "gb_per_s": v / 1e9,
+             "nbytes": nbytes, "median_ms": nbytes / v * 1e3, "baseline_ms": base_ms, "ratio": v / bw["host_copy"]}
+            for k, v in bw.items()]
+
+
+def run(quick: bool = False) -> list[dict]:
+    """All of the chapter's benchmarks on the current machine."""
+    return stage_rows(quick) + offload_rows(quick) + bandwidth_rows(quick)
+
+
+__all__ = ["MODES", "bandwidth_rows", "global_batches", "make_model", "offload_rows", "reference_run", "run",
+           "settings", "stage_rows", "train_stages"]
