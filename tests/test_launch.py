@@ -87,3 +87,26 @@ def test_bad_arguments_are_named():
     if torch.cuda.device_count() < 64:
         with pytest.raises(ValueError, match="one GPU per rank"):
             launch(_sleep, 64, backend="nccl")
+
+
+def _world_report():
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    return f"world={world_size()} sum={t.item():g}"
+
+
+def test_the_same_function_runs_under_torchrun(tmp_path):
+    """The multi-node path: torchrun starts the ranks, `python -m labkit.parallel.launch module:fn` joins them."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), *sys.path]))
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "labkit.parallel.launch", "test_launch:_world_report"],
+        env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "world=2 sum=2" in out.stdout

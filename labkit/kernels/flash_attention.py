@@ -57,7 +57,7 @@ import triton  # labkit's __init__ has already switched Triton to its interprete
 import triton.language as tl
 
 from labkit import _checks
-from labkit.models.gpt import CausalSelfAttention, apply_rope
+from labkit.models.gpt import CausalSelfAttention
 from labkit.perf import roofline
 
 # --- constants ----------------------------------------------------------------------------
@@ -678,23 +678,10 @@ def naive_hbm_bytes(batch: int, heads: int, seq_len: int, head_dim: int, *, dtyp
 class FlashCausalSelfAttention(CausalSelfAttention):
     """labkit.models' CausalSelfAttention with `flash_attention` in place of scaled_dot_product_attention."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.dropout and self.training:
             raise ValueError("FlashCausalSelfAttention: attention dropout is not implemented; set dropout=0")
-        B, T, C = x.shape
-        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D), strided: the kernel reads it as is
-        k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
-        if self.rope:
-            q = apply_rope(q, self.cos[:T], self.sin[:T])
-            k = apply_rope(k, self.cos[:T], self.sin[:T])
-        if Hkv != H:
-            k = k.repeat_interleave(H // Hkv, dim=1)  # (B, H, T, D)
-            v = v.repeat_interleave(H // Hkv, dim=1)
-        y = flash_attention(q, k, v, causal=True)  # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, C)
-        return self.resid_drop(self.o_proj(y))
+        return flash_attention(q, k, v, causal=True)  # (B, H, T, D); strided q/k/v are read as they are
 
 
 def use_flash_attention(model: nn.Module) -> nn.Module:

@@ -178,11 +178,13 @@ class CausalSelfAttention(nn.Module):
             # GQA: query head h reads key/value head h // (H // Hkv).
             k = k.repeat_interleave(H // Hkv, dim=1)  # (B, H, T, D)
             v = v.repeat_interleave(H // Hkv, dim=1)  # (B, H, T, D)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, H, T, D) = softmax(q k^T / sqrt(D) + causal mask) v
+        y = self.attend(q, k, v)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, C)
         return self.resid_drop(self.o_proj(y))  # (B, T, C)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T / sqrt(D) + causal mask) v on (B, H, T, D); a subclass may swap the kernel."""
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
 
 
 # --------------------------------------------------------------------------- feed-forward
