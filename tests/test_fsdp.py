@@ -16,37 +16,36 @@ from hypothesis import strategies as st
 import labkit
 from labkit.models import GPTConfig, TinyGPT
 from labkit.parallel import fsdp as fs
+from labkit.parallel import offload as off
+from labkit.parallel import zero as z
 from labkit.parallel.launch import RankError, launch, rank
 
 
-# --- shard math ---------------------------------------------------------------------------
+# --- shard math (the layout is chapter 12's: labkit.parallel.zero) ---------------------------
 
 
 @given(numel=st.integers(0, 500), world=st.integers(1, 17))
 def test_shards_tile_the_padded_flat_vector(numel, world):
     flat = torch.arange(1, numel + 1, dtype=torch.float32)
-    P = fs.padded_numel(numel, world)
-    assert P % world == 0 and numel <= P < numel + world
+    P = z.padded_numel(numel, world)
     shards = [fs.shard_flat(flat, world, r) for r in range(world)]
     assert all(s.numel() == P // world for s in shards)
     assert torch.equal(torch.cat(shards), torch.cat([flat, torch.zeros(P - numel)]))  # padding at the end
     assert torch.equal(fs.unshard_flat(shards, numel), flat)
     for r in range(world):
-        start, stop, pad = fs.shard_range(numel, world, r)
-        assert torch.equal(shards[r][:stop - start], flat[start:stop]) and stop - start + pad == P // world
-        assert pad == 0 or stop == numel  # only the ranks at the end hold padding
+        start, stop = z.shard_range(numel, world, r)
+        assert torch.equal(shards[r][:stop - start], flat[start:stop])
+        assert stop - start == P // world or stop == numel  # only the ranks at the end hold padding
+    if numel:  # the engine's layout of one tensor: the same shards
+        bucket = z.FlatBucket([flat], world, world - 1)
+        assert torch.equal(bucket.local(bucket.flatten([flat])), shards[-1])
 
 
-def test_shard_range_examples_and_bad_input():
-    assert fs.shard_range(10, 4, 0) == (0, 3, 0)
-    assert fs.shard_range(10, 4, 3) == (9, 10, 2)
-    assert fs.shard_range(3, 8, 5) == (3, 3, 1)  # a rank with padding only
-    with pytest.raises(ValueError, match="shard_range: rank must be < world_size=4, got 4"):
-        fs.shard_range(10, 4, 4)
-    with pytest.raises(ValueError, match="padded_numel: world_size must be an int >= 1, got 0"):
-        fs.padded_numel(10, 0)
-    with pytest.raises(TypeError, match="shard_range: numel must be an int"):
-        fs.shard_range(10.0, 2, 0)
+def test_shard_flat_examples_and_bad_input():
+    assert fs.shard_flat(torch.arange(10.0), 4, 3).tolist() == [9.0, 0.0, 0.0]
+    assert fs.shard_flat(torch.arange(3.0), 8, 5).tolist() == [0.0]  # a rank with padding only
+    with pytest.raises(ValueError, match=r"shard_range: rank must be in \[0, 3\] for world_size=4, got 4"):
+        fs.shard_flat(torch.arange(10.0), 4, 4)
     with pytest.raises(ValueError, match=r"shard_flat: flat must be a 1-D tensor, got shape \(2, 3\)"):
         fs.shard_flat(torch.zeros(2, 3), 2, 0)
     with pytest.raises(TypeError, match="shard_flat: flat must be a torch.Tensor, got list"):
@@ -57,11 +56,6 @@ def test_shard_range_examples_and_bad_input():
         fs.unshard_flat([torch.zeros(3), torch.zeros(2)], 5)
     with pytest.raises(TypeError, match="unshard_flat: shards must be 1-D tensors"):
         fs.unshard_flat([torch.zeros(3), [0.0, 1.0, 2.0]], 6)
-
-
-def test_flat_layout_lays_parameters_end_to_end():
-    lay = fs.flat_layout([("w", (3, 4)), ("b", (4,)), ("g", ())])
-    assert lay.offsets == (0, 12, 16) and lay.numels == (12, 4, 1) and lay.numel == 17
 
 
 # --- the schedule -------------------------------------------------------------------------
@@ -90,7 +84,7 @@ def test_prefetch_plan_properties(n, depth):
 def _replayed_peak(numels, world, depth, offload, bpp=4):
     """Allocate each gathered unit when the plan issues it, free it after its compute step."""
     n = len(numels)
-    padded = [fs.padded_numel(k, world) for k in numels]
+    padded = [z.padded_numel(k, world) for k in numels]
     live, peak = set(), 0
     base = 0 if offload else sum(padded) // world
     for k, issues in enumerate(fs.prefetch_plan(n, depth)):
@@ -198,9 +192,9 @@ def test_fsdp_and_gpt_units_name_bad_input():
     with pytest.raises(RuntimeError, match="FSDP: needs a process group"):
         fs.FSDP([nn.Linear(2, 2)])
     tied = TinyGPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_embd=8, n_head=2))
-    with pytest.raises(ValueError, match="gpt_units: model must have tie_embeddings=False"):
+    with pytest.raises(ValueError, match="tinygpt_layers: model must have tie_embeddings=False"):
         fs.gpt_units(tied)
-    with pytest.raises(TypeError, match="gpt_units: model must be a TinyGPT"):
+    with pytest.raises(TypeError, match="tinygpt_layers: model must be a TinyGPT"):
         fs.gpt_units(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="sized_setup: world_size must be an int >= 1"):
         fs.sized_setup(0)
@@ -208,13 +202,16 @@ def test_fsdp_and_gpt_units_name_bad_input():
         fs.sized_setup(2, backend="mpi")
 
 
-def test_gpt_units_compute_the_model():
+def test_gpt_units_compute_the_model_and_its_loss():
     model = TinyGPT(fs.Setup().config())
-    x = torch.randint(0, 31, (2, 16))
+    x, y = torch.randint(0, 31, (2, 16)), torch.randint(0, 31, (2, 16))
+    y[:, :5] = -100  # unscored targets (a prompt, as labkit.datasets marks it)
     out = x
     for _, unit in fs.gpt_units(model):
         out = unit(out)
-    torch.testing.assert_close(out, model(x)[0])
+    logits, loss = model(x, y)
+    torch.testing.assert_close(out, logits)
+    torch.testing.assert_close(off.lm_loss(out, y), loss)  # the loss fsdp_runs trains with
     names = [prefix + n for prefix, unit in fs.gpt_units(model) for n, _ in unit.named_parameters()]
     assert names == [n for n, _ in model.named_parameters()]  # full names, every parameter once
 
@@ -258,7 +255,7 @@ def _check_memory(run: dict, world: int):
     expected = fs.peak_param_bytes(run["unit_numels"], world, run["depth"], run["offload"])
     assert all(s["memory"]["param_peak"] == expected for s in run["steps"])
     assert all(s["memory"]["grad"] == 0 for s in run["steps"])  # every gathered gradient freed
-    largest_two = sorted(fs.padded_numel(k, world) * 4 for k in run["unit_numels"])[-2:]
+    largest_two = sorted(z.padded_numel(k, world) * 4 for k in run["unit_numels"])[-2:]
     assert all(s["memory"]["grad_peak"] <= sum(largest_two) for s in run["steps"])  # <= 2 reduce-scatters alive
     if run["offload"]:
         assert run["shard_device"] == run["grad_device"] == "cpu"

@@ -479,6 +479,17 @@ def test_shards_partition_the_flat_buffer(numel, n):
         assert bucket.start + bucket.shard_numel == bucket.padded and bucket.shard_numel == size
 
 
+def test_flat_bucket_lays_parameters_end_to_end():
+    ps = [torch.randn(3, 4), torch.randn(4), torch.randn(())]
+    b = z.FlatBucket(ps, world_size=4, rank=1)
+    assert b.offsets == [0, 12, 16] and b.numels == [12, 4, 1] and (b.numel, b.padded) == (17, 20)
+    assert (b.start, b.shard_numel) == (5, 5)
+    flat = b.flatten(ps)
+    assert torch.equal(flat[17:], torch.zeros(3))  # the padding
+    assert all(torch.equal(v, p) for v, p in zip(b.views(flat), ps))
+    assert torch.equal(b.local(flat), flat[5:10])
+
+
 def test_comm_log_counts_the_papers_way():
     log = z.CommLog(4)
     log.add("all_reduce", 10)
@@ -504,6 +515,8 @@ def test_comm_log_counts_the_papers_way():
     (lambda: z.shard_range(10, 4, 4), ValueError, r"shard_range: rank must be in \[0, 3\] for world_size=4, got 4"),
     (lambda: z.shard_range(10, 4, -1), ValueError, r"shard_range: rank must be an int >= 0"),
     (lambda: z.padded_numel(10, 0), ValueError, r"padded_numel: world_size must be an int >= 1"),
+    (lambda: z.single_process_run(nn.Linear(2, 2), None, [], micro=0), ValueError,
+     r"single_process_run: micro must be an int >= 1, got 0"),
 ])
 def test_accounting_input_checks(call, error, match):
     with pytest.raises(error, match=match):

@@ -82,25 +82,14 @@ def _flat(tensors) -> torch.Tensor:
 
 def reference_run(model: dict, steps: int, batch: int, lr: float = 1e-2, seed: int = 0, world_size: int = 1,
                   device: torch.device | str = "cpu") -> dict:
-    """One process, plain torch.optim.AdamW, each global batch as `world_size` equal slices whose gradients are
-    accumulated (loss / world_size each): the sum data parallelism computes, in the same order, so with
-    2 ranks on the same kind of device the ranks match it bit for bit. Returns the losses and flat
-    parameters (on the CPU) per step."""
+    """zero.single_process_run with plain torch.optim.AdamW, each global batch as `world_size` equal slices:
+    the sum data parallelism computes, in the same order, so with 2 ranks on the same kind of device the
+    ranks match it bit for bit. Returns the losses and flat parameters (on the CPU) per step."""
     m = make_model(model, seed).to(device)
-    opt = torch.optim.AdamW(m.parameters(), lr=lr)
-    losses, params = [], []
     with _one_thread():
-        for x, y in global_batches(steps, batch, model["block_size"], seed):
-            total = 0.0
-            for xs, ys in zip(x.chunk(world_size), y.chunk(world_size)):
-                loss = m(xs.to(device), ys.to(device))[1] / world_size
-                loss.backward()
-                total += loss.item()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(total)
-            params.append(_flat(m.parameters()))
-    return dict(losses=losses, params=params, num_params=m.num_params())
+        run = zero.single_process_run(m, torch.optim.AdamW(m.parameters(), lr=lr),
+                                      global_batches(steps, batch, model["block_size"], seed), micro=world_size)
+    return dict(losses=run["losses"], params=[_flat(p.values()) for p in run["params"]], num_params=m.num_params())
 
 
 def _sync(dev: torch.device) -> None:

@@ -7,11 +7,13 @@ Parameter Models", SC 2020, arXiv:1910.02054 (stage 3: shard parameters, gradien
 state). J. Ren et al. "ZeRO-Offload: Democratizing Billion-Scale Model Training", USENIX ATC 2021,
 arXiv:2101.06840 (the optimizer step on the CPU).
 
-The model is cut into units (a TinyGPT: the embeddings, each block, the final norm + head) applied
-one after the other. Each unit's parameters are concatenated into one flat vector of P elements,
-padded with zeros to a multiple of the world size W, and every rank keeps one contiguous shard of
-S = P / W elements: that shard is the only copy of the parameters that persists, and the only one
-the optimizer sees. One training step on every rank:
+FSDP is ZeRO stage 3 (chapter 12, labkit.parallel.zero) run as a pipeline. The model is cut into
+units (a TinyGPT: the embeddings, each block, the final norm + head, as offload.tinygpt_layers cuts
+it) applied one after the other. Each unit's parameters are concatenated into one flat vector,
+padded with zeros to P elements, a multiple of the world size W, and every rank keeps one
+contiguous shard of S = P / W elements (chapter 12's layout: zero.FlatBucket, padded_numel,
+shard_range): that shard is the only copy of the parameters that persists, and the only one the
+optimizer sees. One training step on every rank:
 
     forward,  unit i = 0 .. n-1:   all-gather the flat parameter (S -> P), compute, free the P buffer
     backward, unit i = n-1 .. 0:   all-gather again, compute the gradients (P elements),
@@ -21,7 +23,7 @@ the optimizer sees. One training step on every rank:
 Reshard = free the gathered buffer's storage (`untyped_storage().resize_(0)`), as FSDP does:
 autograd's saved tensors are views of that storage, and the backward all-gather refills the same
 storage before the unit's backward reads them. The all-gather sits inside an autograd Function whose
-backward is its adjoint, the reduce-scatter.
+backward is its adjoint, the reduce-scatter (zero's, shared with Zero3Module).
 
 Prefetch depth d: before computing unit k the all-gathers of units k+1 .. k+d are already issued
 (`async_op=True`), so they run while unit k computes; in backward the order is reversed. At most
@@ -39,7 +41,6 @@ step that the chapter's widget draws, calibrated from recorded timelines (`calib
 
 from __future__ import annotations
 
-import math
 import statistics
 import threading
 import time
@@ -50,37 +51,14 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 from labkit import _checks
 from labkit.models.gpt import GPTConfig, TinyGPT
 from labkit.parallel.launch import default_backend, rank, rank_device, world_size
+from labkit.parallel.offload import lm_loss, tinygpt_layers
+from labkit.parallel.zero import FlatBucket, _GatherParams, padded_numel, shard_range, single_process_run
 
-# --------------------------------------------------------------------------- shard math
-
-
-def padded_numel(numel: int, world_size: int) -> int:
-    """P: numel rounded up to a multiple of world_size (the flat parameter's length with padding)."""
-    numel = _checks.integer("padded_numel", "numel", numel, low=0)
-    world_size = _checks.integer("padded_numel", "world_size", world_size, low=1)
-    return -(-numel // world_size) * world_size
-
-
-def shard_range(numel: int, world_size: int, rank: int) -> tuple[int, int, int]:
-    """(start, stop, pad): rank holds flat[start:stop] of the unpadded vector, then `pad` zeros.
-
-    Every shard has S = ceil(numel / world_size) elements, stop - start + pad == S; the padding
-    sits at the end of the flat vector, so only the last ranks hold any.
-    """
-    owner = "shard_range"
-    numel = _checks.integer(owner, "numel", numel, low=0)
-    world_size = _checks.integer(owner, "world_size", world_size, low=1)
-    rank = _checks.integer(owner, "rank", rank, low=0)
-    if rank >= world_size:
-        raise ValueError(f"{owner}: rank must be < world_size={world_size}, got {rank}")
-    S = padded_numel(numel, world_size) // world_size
-    start, stop = min(rank * S, numel), min((rank + 1) * S, numel)
-    return start, stop, S - (stop - start)
+# --------------------------------------------------------------------------- a flat parameter's shards
 
 
 def shard_flat(flat: torch.Tensor, world_size: int, rank: int) -> torch.Tensor:
@@ -89,8 +67,9 @@ def shard_flat(flat: torch.Tensor, world_size: int, rank: int) -> torch.Tensor:
         raise TypeError(f"shard_flat: flat must be a torch.Tensor, got {type(flat).__name__}")
     if flat.dim() != 1:
         raise ValueError(f"shard_flat: flat must be a 1-D tensor, got shape {tuple(flat.shape)}")
-    start, stop, pad = shard_range(flat.numel(), world_size, rank)
-    return torch.cat([flat[start:stop], flat.new_zeros(pad)])  # (S,)
+    start, stop = shard_range(flat.numel(), world_size, rank)  # the real elements; padding fills up to S
+    S = padded_numel(flat.numel(), world_size) // world_size
+    return torch.cat([flat[start:stop], flat.new_zeros(S - (stop - start))])  # (S,)
 
 
 def unshard_flat(shards: Sequence[torch.Tensor], numel: int) -> torch.Tensor:
@@ -107,31 +86,6 @@ def unshard_flat(shards: Sequence[torch.Tensor], numel: int) -> torch.Tensor:
         raise ValueError(f"unshard_flat: {len(shards)} shards of {shards[0].numel()} elements cannot hold "
                          f"numel={numel} (need ceil(numel / W) each)")
     return torch.cat(shards)[:numel]
-
-
-@dataclass(frozen=True)
-class FlatLayout:
-    """Where each parameter of a unit lives in its flat vector: names, shapes, offsets, numels."""
-
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    offsets: tuple[int, ...]
-    numels: tuple[int, ...]
-
-    @property
-    def numel(self) -> int:
-        return sum(self.numels)
-
-
-def flat_layout(named_shapes: Sequence[tuple[str, Sequence[int]]]) -> FlatLayout:
-    """Parameters laid end to end in the given order."""
-    names, shapes, offsets, numels, at = [], [], [], [], 0
-    for name, shape in named_shapes:
-        shape = tuple(int(s) for s in shape)
-        n = math.prod(shape)
-        names.append(name), shapes.append(shape), offsets.append(at), numels.append(n)
-        at += n
-    return FlatLayout(tuple(names), tuple(shapes), tuple(offsets), tuple(numels))
 
 
 # --------------------------------------------------------------------------- the schedule
@@ -349,25 +303,9 @@ def timeline_stats(spans: Sequence[dict]) -> dict:
 # --------------------------------------------------------------------------- the FSDP engine
 
 
-class _Unshard(torch.autograd.Function):
-    """shard (S,) -> the gathered flat parameter (P,). Forward: the all-gather already ran (possibly
-    prefetched); backward: the unit's gradient (P,) goes to a reduce-scatter, not through autograd."""
-
-    @staticmethod
-    def forward(ctx, shard, fsdp, index):
-        ctx.fsdp, ctx.index = fsdp, index
-        # `.data`: an alias of the gathered storage with its own version counter, so refilling the
-        # storage before backward does not look like an in-place change of a saved tensor.
-        return fsdp.units[index].full.data
-
-    @staticmethod
-    def backward(ctx, grad_full):  # (P,)
-        ctx.fsdp._post_backward(ctx.index, grad_full)
-        return None, None, None
-
-
 class _Unit:
-    """One unit: its module, the flat layout, this rank's shard and the gathered buffer."""
+    """One unit: its module, the flat layout of its parameters (P padded elements, this rank's S of them),
+    this rank's shard and the gathered buffer."""
 
     def __init__(self, module: nn.Module, prefix: str, world: int, r: int, device: torch.device, offload: bool):
         named = [(n, p) for n, p in module.named_parameters()]
@@ -377,17 +315,15 @@ class _Unit:
         if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
             raise TypeError(f"FSDP: a unit's parameters must share one floating dtype, got {sorted(map(str, dtypes))}")
         self.module, self.prefix = module, prefix
-        self.layout = flat_layout([(n, p.shape) for n, p in named])
-        self.P = padded_numel(self.layout.numel, world)
-        self.S = self.P // world
-        self.pad = self.P - self.layout.numel
-        flat = torch.cat([p.detach().reshape(-1) for _, p in named])  # (numel,)
+        self.names = [n for n, _ in named]
+        self.bucket = FlatBucket([p for _, p in named], world, r)  # offsets, shapes; padded = P, shard_numel = S
+        flat = self.bucket.flatten([p.detach() for _, p in named])  # (P,)
         home = torch.device("cpu") if offload else device
-        shard = shard_flat(flat, world, r).to(home)  # (S,)
+        shard = self.bucket.local(flat).to(home, copy=True)  # (S,)
         if offload and device.type == "cuda":
             shard = shard.pin_memory()
         self.shard = nn.Parameter(shard)  # the persistent, optimized copy
-        self.full = torch.empty(self.P, dtype=shard.dtype, device=device)  # gathered buffer (P,), storage freed
+        self.full = torch.empty(self.bucket.padded, dtype=shard.dtype, device=device)  # gathered (P,), storage freed
         self.full.untyped_storage().resize_(0)
         for _, p in named:  # drop the unsharded originals: the module is called with views of `full`
             p.data = torch.empty(0, dtype=p.dtype, device=device)
@@ -395,12 +331,11 @@ class _Unit:
 
     @property
     def nbytes(self) -> int:
-        return self.P * self.full.element_size()
+        return self.bucket.padded * self.full.element_size()
 
     def views(self, full: torch.Tensor) -> dict[str, torch.Tensor]:
         """Parameter name -> a view of the gathered flat parameter (P,) with the parameter's shape."""
-        pieces = full.split(list(self.layout.numels) + ([self.pad] if self.pad else []))
-        return {n: piece.view(shape) for n, shape, piece in zip(self.layout.names, self.layout.shapes, pieces)}
+        return dict(zip(self.names, self.bucket.views(full)))
 
 
 class FSDP:
@@ -463,7 +398,7 @@ class FSDP:
         for i, unit in enumerate(self.units):
             self._before_compute(i)
             with self.timeline.span("forward", f"F{i}", unit=i):
-                full = _Unshard.apply(unit.shard, self, i)  # (P,)
+                full = _GatherParams.apply(unit.shard, self, i)  # (P,)
                 x = torch.func.functional_call(unit.module, unit.views(full), (x,))
             self._reshard(i)
             if x.requires_grad:
@@ -480,7 +415,7 @@ class FSDP:
         """Every parameter, gathered (on every rank), under its full name; padding dropped."""
         out = {}
         for u in self.units:
-            full = torch.empty(u.P, dtype=u.shard.dtype, device=self.device)
+            full = torch.empty(u.bucket.padded, dtype=u.shard.dtype, device=self.device)
             dist.all_gather_into_tensor(full, u.shard.detach().to(self.device))
             for name, view in u.views(full).items():
                 out[u.prefix + name] = view.detach().cpu().clone()
@@ -499,7 +434,7 @@ class FSDP:
         unit = self.units[i]
         unit.full.untyped_storage().resize_(unit.nbytes)  # allocate the gathered buffer (P,)
         self._count("param", unit.nbytes)
-        slot = unit.full.data[self.rank * unit.S:(self.rank + 1) * unit.S]  # (S,): this rank's part
+        slot = unit.bucket.local(unit.full.data)  # (S,): this rank's part
         if self.offload:
             with self.timeline.span("copy H2D", f"H2D{i}", unit=i):
                 slot.copy_(unit.shard.detach(), non_blocking=True)
@@ -511,6 +446,12 @@ class FSDP:
             unit=i, step=step)
         self.issue_log.append((step, i))
 
+    def _unshard(self, i: int) -> torch.Tensor:
+        """_GatherParams' forward: unit i's gathered flat parameter (P,), its all-gather already waited for
+        (_before_compute). `.data`: an alias of the gathered storage with its own version counter, so
+        refilling the storage before backward does not look like an in-place change of a saved tensor."""
+        return self.units[i].full.data
+
     def _reshard(self, i: int) -> None:
         unit = self.units[i]
         unit.full.untyped_storage().resize_(0)  # saved views keep the (now empty) storage
@@ -521,14 +462,16 @@ class FSDP:
         self._before_compute(2 * self.n - 1 - i)
         self._bwd_start[i] = self.timeline.now()
 
-    def _post_backward(self, i: int, grad_full: torch.Tensor) -> None:
-        """Unit i's backward is done: free its parameters, reduce-scatter its gradient (async)."""
+    def _reduce_grad(self, i: int, grad_full: torch.Tensor) -> None:
+        """_GatherParams' backward, once unit i's backward is done: free its parameters and reduce-scatter
+        its gradient (async). The shard's gradient arrives in _finish_pending_reduce_scatter, not through
+        autograd (hence None)."""
         self.timeline.add("backward", f"B{i}", self._bwd_start.pop(i), self.timeline.now(), unit=i)
         self._reshard(i)
         self._finish_pending_reduce_scatter()  # at most one in flight: the previous unit's
         unit = self.units[i]
         grad_full = grad_full.contiguous()  # (P,)
-        grad_shard = torch.empty(unit.S, dtype=grad_full.dtype, device=self.device)  # (S,)
+        grad_shard = torch.empty(unit.bucket.shard_numel, dtype=grad_full.dtype, device=self.device)  # (S,)
         self._count("grad", unit.nbytes)
         flight = self.timeline.collective(  # sum over ranks
             "reduce-scatter", f"RS{i}", lambda: dist.reduce_scatter_tensor(grad_shard, grad_full, async_op=True),
@@ -548,7 +491,7 @@ class FSDP:
         shard = unit.shard
         if self.offload:
             with self.timeline.span("copy D2H", f"D2H{i}", unit=i):
-                host = torch.empty(unit.S, dtype=grad_shard.dtype, pin_memory=grad_shard.is_cuda)  # (S,) on the CPU
+                host = torch.empty(grad_shard.shape, dtype=grad_shard.dtype, pin_memory=grad_shard.is_cuda)  # (S,) CPU
                 grad_shard = host.copy_(grad_shard)
         shard.grad = grad_shard if shard.grad is None else shard.grad + grad_shard
 
@@ -560,50 +503,16 @@ class FSDP:
 # --------------------------------------------------------------------------- TinyGPT as units
 
 
-class GPTEmbed(nn.Module):
-    """Unit 0 of a TinyGPT: token (+ position) embeddings. idx (B, T) -> x (B, T, C)."""
-
-    def __init__(self, model: TinyGPT):
-        super().__init__()
-        self.tok_emb, self.pos_emb, self.drop = model.tok_emb, model.pos_emb, model.drop
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.tok_emb(idx)  # (B, T, C)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(idx.shape[1], device=idx.device))  # + (T, C)
-        return self.drop(x)
-
-
-class GPTHead(nn.Module):
-    """The last unit: final norm and output head. x (B, T, C) -> logits (B, T, V)."""
-
-    def __init__(self, model: TinyGPT):
-        super().__init__()
-        self.norm_f, self.lm_head = model.norm_f, model.lm_head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm_f(x))
-
-
 def gpt_units(model: TinyGPT) -> list[tuple[str, nn.Module]]:
-    """A TinyGPT as FSDP units: embeddings, one unit per block, final norm + head (names kept)."""
-    if not isinstance(model, TinyGPT):
-        raise TypeError(f"gpt_units: model must be a TinyGPT, got {type(model).__name__}")
-    if model.config.tie_embeddings:
-        raise ValueError("gpt_units: model must have tie_embeddings=False: a tied weight would belong to the "
-                         "first and the last unit")
-    return ([("", GPTEmbed(model))] + [(f"blocks.{i}.", b) for i, b in enumerate(model.blocks)]
-            + [("", GPTHead(model))])
+    """A TinyGPT (untied) as FSDP units, (prefix, module) pairs: embeddings, one unit per block, final
+    norm + head, cut as chapter 12's offload.tinygpt_layers cuts it (the loss is its lm_loss)."""
+    parts = tinygpt_layers(model)
+    return list(zip(parts["prefixes"], parts["layers"]))
 
 
 def unit_numels(units: Sequence) -> list[int]:
     """Parameters per unit (modules or (prefix, module) pairs), before padding."""
     return [sum(p.numel() for p in (u[1] if isinstance(u, tuple) else u).parameters()) for u in units]
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of logits (B, T, V) against targets (B, T), as TinyGPT computes it."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
 # --------------------------------------------------------------------------- runs (single process and ranks)
@@ -659,18 +568,12 @@ def _adamw(params, setup: Setup) -> torch.optim.AdamW:
 
 
 def reference_run(setup: Setup, world: int, device: torch.device | str = "cpu") -> dict:
-    """One process, the whole global batch each step: losses and final parameters (on the CPU)."""
+    """One process, the whole global batch each step (zero.single_process_run): losses and final
+    parameters (on the CPU)."""
     model = make_model(setup).to(device)
-    opt = _adamw(model.parameters(), setup)
-    losses = []
-    for step in range(setup.steps):
-        x, y = (t.to(device) for t in global_batch(setup, step, world))
-        loss = model(x, y)[1]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return dict(losses=losses, params={n: p.detach().cpu().clone() for n, p in model.named_parameters()})
+    batches = (global_batch(setup, step, world) for step in range(setup.steps))
+    run = single_process_run(model, _adamw(model.parameters(), setup), batches)
+    return dict(losses=run["losses"], params=run["params"][-1])
 
 
 def _elapsed_ms(t0: float, device: torch.device) -> float:
@@ -725,7 +628,7 @@ def fsdp_runs(setup: Setup, configs: Sequence[dict] = (dict(depth=1),), record: 
         fsdp = run["fsdp"]
         out.append(dict(rank=r, world=world, depth=fsdp.depth, offload=fsdp.offload, losses=run["losses"],
                         times=run["times"], params=fsdp.full_state_dict() if params else None, steps=run["steps"],
-                        unit_numels=[u.layout.numel for u in fsdp.units],
+                        unit_numels=[u.bucket.numel for u in fsdp.units],
                         shard_device=str(fsdp.units[0].shard.device), grad_device=str(fsdp.units[0].shard.grad.device)))
     return out
 
@@ -897,8 +800,7 @@ def simulate_step(cal: Calibration, depth: int, offload: bool = False) -> dict:
     return dict(spans=spans, **timeline_stats(spans)[0])
 
 
-__all__ = ["Calibration", "FSDP", "FlatLayout", "GPTEmbed", "GPTHead", "Setup", "Timeline", "calibrate",
-           "flat_layout", "fsdp2_run", "fsdp_runs", "global_batch", "gpt_units", "lm_loss", "make_model",
-           "padded_numel", "peak_param_bytes", "prefetch_plan", "rank_runs", "reference_run", "resident_units",
-           "shard_flat", "shard_range", "simulate_step", "sized_setup", "timeline_stats", "unit_at",
+__all__ = ["Calibration", "FSDP", "Setup", "Timeline", "calibrate", "fsdp2_run", "fsdp_runs", "global_batch",
+           "gpt_units", "make_model", "peak_param_bytes", "prefetch_plan", "rank_runs", "reference_run",
+           "resident_units", "shard_flat", "simulate_step", "sized_setup", "timeline_stats", "unit_at",
            "unit_numels", "unshard_flat"]

@@ -52,6 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from labkit import _checks, runtime
+from labkit.models.gpt import IGNORE_INDEX, TinyGPT
 from labkit.parallel.zero import STAGES, FlatBucket, memory_per_rank
 
 TIERS = ("gpu", "cpu", "nvme")
@@ -354,15 +355,16 @@ class _Head(nn.Module):
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over (B, T) positions, as TinyGPT computes it."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    """Mean cross-entropy of logits (B, T, V) against targets (B, T) over the scored positions (targets
+    IGNORE_INDEX are not), as TinyGPT computes it."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 def tinygpt_layers(model: nn.Module) -> dict:
     """A TinyGPT (untied) as OffloadedModel's arguments: {"layers", "prefixes", "loss_fn"}. The layers
-    hold the model's own parameter tensors; the prefixes give back TinyGPT's parameter names."""
-    from labkit.models import TinyGPT
-
+    (embeddings, each block, final norm + head) run one after the other and hold the model's own
+    parameter tensors; the prefixes give back TinyGPT's parameter names. (labkit.parallel.fsdp cuts a
+    TinyGPT into its units with it too.)"""
     if not isinstance(model, TinyGPT):
         raise TypeError(f"tinygpt_layers: model must be a TinyGPT, got {type(model).__name__}")
     if model.config.tie_embeddings:

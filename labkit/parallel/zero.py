@@ -32,6 +32,8 @@ into the flat buffers, so a rank holds each value once.
     ZeroOptimizer(params, optimizer_cls, stage, process_group=None, **kw)    stages 0, 1 and 2
     Zero3Module(module, units=None, process_group=None)                       stage 3: train its
         .parameters() (the shards) with any elementwise optimizer
+    single_process_run(model, optimizer, batches, micro=1)                    the one-process run
+        every stage must reproduce
 
 Stage 2 reduce-scatters each bucket of gradients from a post-accumulate-grad hook as soon as the
 backward pass has produced all of them, and frees the full gradients: only about one bucket of full
@@ -39,6 +41,9 @@ gradients exists at a time. Stage 3 all-gathers a unit's parameters (by default 
 nn.ModuleList, plus a root unit with the rest) in a forward pre-hook, frees them after the unit's
 forward, gathers them again when the backward pass first needs them (a saved-tensors hook stores a
 placeholder instead of the weight), and reduce-scatters the unit's gradient when its backward ends.
+
+FSDP (labkit.parallel.fsdp, chapter 13) is stage 3 with prefetching and offload: it reuses this layout
+(FlatBucket, padded_numel, shard_range) and stage 3's all-gather / reduce-scatter autograd function.
 
 Everything here trains in the parameters' own dtype (fp32 in the course, for exact parity with a
 single process); `memory_per_rank` accounts for either precision.
@@ -268,8 +273,8 @@ def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 class FlatBucket:
     """The layout of parameters flattened in order into one zero-padded 1-D buffer of `padded` elements;
-    the rank owns [start, start + shard_numel). It keeps the shapes, not the tensors (stage 3 and
-    offload free the originals)."""
+    the rank owns [start, start + shard_numel). It keeps the shapes, not the tensors (stage 3,
+    offload and FSDP free the originals)."""
 
     def __init__(self, params: list[torch.Tensor], world_size: int, rank: int):
         self.shapes = [p.shape for p in params]
@@ -290,8 +295,9 @@ class FlatBucket:
         return out
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """Each parameter's view into a (padded,) buffer."""
-        return [flat[o:o + n].view(s) for o, n, s in zip(self.offsets, self.numels, self.shapes)]
+        """Each parameter's view into a (padded,) buffer: one split (whose backward is one concatenation)."""
+        pieces = flat.split([*self.numels, self.padded - self.numel])  # the last piece: the padding
+        return [piece.view(s) for piece, s in zip(pieces, self.shapes)]
 
     def local(self, flat: torch.Tensor) -> torch.Tensor:
         """This rank's slice of a (padded,) buffer (a view)."""
@@ -570,23 +576,20 @@ class _Use:
 
 
 class _GatherParams(torch.autograd.Function):
-    """forward: all-gather the unit's full flat parameters from the shards; backward: reduce-scatter the
-    full gradient into this rank's shard gradient (averaged over ranks), then drop the re-gathered copy."""
+    """shard (S,) -> the full flat parameters (padded,): an all-gather, whose adjoint in backward is the
+    reduce-scatter of the full gradient (padded,) into the shard's gradient (S,). The engine that owns the
+    shard runs both: owner._unshard(key) in forward, owner._reduce_grad(key, grad_full) in backward, which
+    returns the shard's gradient (or None when the engine delivers it later itself, as
+    labkit.parallel.fsdp does after an asynchronous reduce-scatter)."""
 
     @staticmethod
-    def forward(ctx, shard, use, owner):
-        ctx.use, ctx.owner = use, owner
-        return owner._gather(use.unit)
+    def forward(ctx, shard, owner, key):
+        ctx.owner, ctx.key = owner, key
+        return owner._unshard(key)
 
     @staticmethod
     def backward(ctx, grad_full):
-        use, owner = ctx.use, ctx.owner
-        grad_shard = torch.empty(use.unit.bucket.shard_numel, dtype=grad_full.dtype, device=grad_full.device)
-        _reduce_scatter(grad_shard, grad_full.contiguous(), owner.group, owner.world_size, owner.comm)
-        if use.backward_full is not None:
-            owner._count(-use.backward_full.numel() * use.backward_full.element_size())
-            use.backward_full = None
-        return grad_shard.div_(owner.world_size), None, None
+        return ctx.owner._reduce_grad(ctx.key, grad_full), None, None
 
 
 _SAVED = object()  # tags a saved weight replaced by a placeholder
@@ -687,9 +690,23 @@ class Zero3Module(nn.Module):
         self._count(full.numel() * full.element_size())
         return full
 
+    def _unshard(self, use: _Use) -> torch.Tensor:
+        """_GatherParams' forward: the unit's full flat parameters (padded,), gathered now."""
+        return self._gather(use.unit)
+
+    def _reduce_grad(self, use: _Use, grad_full: torch.Tensor) -> torch.Tensor:
+        """_GatherParams' backward: this rank's shard of the full gradient, averaged over the ranks; the
+        copy re-gathered for this backward is dropped."""
+        grad_shard = torch.empty(use.unit.bucket.shard_numel, dtype=grad_full.dtype, device=grad_full.device)
+        _reduce_scatter(grad_shard, grad_full.contiguous(), self.group, self.world_size, self.comm)
+        if use.backward_full is not None:
+            self._count(-use.backward_full.numel() * use.backward_full.element_size())
+            use.backward_full = None
+        return grad_shard.div_(self.world_size)
+
     def _enter(self, unit: _Unit) -> None:
         use = _Use(unit)
-        full = _GatherParams.apply(unit.shard, use, self)
+        full = _GatherParams.apply(unit.shard, self, use)
         self._live[full.untyped_storage().data_ptr()] = use
         views = unit.bucket.views(full)
         for m, aname, j in unit.slots:
@@ -762,7 +779,32 @@ class Zero3Module(nn.Module):
         return _consolidate(optimizer, placements, gather)
 
 
+# --------------------------------------------------------------------------- the single-process reference
+
+
+def single_process_run(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, micro: int = 1) -> dict:
+    """What data parallelism must reproduce: `model` (a TinyGPT: model(x, y)[1] is the loss) trained in one
+    process with a plain `optimizer` on the global batches (x, y), each cut into `micro` equal slices whose
+    gradients accumulate (loss / micro each: the sum `micro` ranks compute, in their order). Returns each
+    step's loss and a CPU copy of the named parameters after it."""
+    micro = _checks.integer("single_process_run", "micro", micro, low=1)
+    device = next(model.parameters()).device
+    losses, params = [], []
+    for x, y in batches:
+        total = 0.0
+        for xs, ys in zip(x.chunk(micro), y.chunk(micro)):
+            loss = model(xs.to(device), ys.to(device))[1] / micro
+            loss.backward()
+            total += loss.item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(total)
+        params.append({n: p.detach().cpu().clone() for n, p in model.named_parameters()})
+    return dict(losses=losses, params=params)
+
+
 __all__ = [
     "CommLog", "DEFAULT_BUCKET_NUMEL", "FlatBucket", "STAGES", "STATES_PER_PARAM", "Zero3Module", "ZeroMemory",
     "ZeroOptimizer", "comm_volume", "memory_per_rank", "optimizer_bytes_per_param", "padded_numel", "shard_range",
+    "single_process_run",
 ]

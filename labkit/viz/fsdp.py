@@ -12,6 +12,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from labkit.parallel import fsdp as fs
+from labkit.parallel.zero import padded_numel
 
 # The Play widget's default: ONE recording, per-unit medians of depth-0 steps (and depth-0 offload
 # steps for the copies), 2 gloo ranks on the course's 2-core CPU while other jobs shared it,
@@ -88,7 +89,7 @@ def param_memory_figure(unit_numels: Sequence[int], world_size: int, depth: int,
     """Parameter bytes on one rank's device during each of the 2n compute steps: its shards (unless
     offloaded) and the gathered units (stacked), with the peak of `peak_param_bytes`."""
     n = len(unit_numels)
-    padded = [fs.padded_numel(k, world_size) for k in unit_numels]
+    padded = [padded_numel(k, world_size) for k in unit_numels]
     steps = list(range(2 * n))
     labels = [f"{'F' if k < n else 'B'}{fs.unit_at(k, n)}" for k in steps]
     fig = row_of or go.Figure()
