@@ -179,9 +179,9 @@ def test_bad_input_names_the_argument():
     q, k, v = qkv(1, 1, 8, 16)
     cases = [
         (TypeError, "flash_attention: q must be a torch.Tensor, got list", dict(q=[1.0])),
-        (TypeError, "flash_attention: q must have dtype float16, bfloat16, float32, got torch.int64",
+        (TypeError, "flash_attention: q must be float16, bfloat16 or float32, got torch.int64",
          dict(q=q.long(), k=k.long(), v=v.long())),
-        (TypeError, "q must have dtype float16, bfloat16, float32, got torch.float64",
+        (TypeError, "flash_attention: q must be float16, bfloat16 or float32, got torch.float64",
          dict(q=q.double(), k=k.double(), v=v.double())),
         (TypeError, "flash_attention: k must have q's dtype torch.float32, got torch.float16", dict(k=k.half())),
         (ValueError, r"flash_attention: q must have shape \(B, H, N, D\), got \(8, 16\)",
@@ -196,7 +196,7 @@ def test_bad_input_names_the_argument():
         (ValueError, r"flash_attention: sm_scale must be in \(0, inf\), got 0.0", dict(sm_scale=0.0)),
         (ValueError, f"flash_attention: q must be on {DEV.type} here, got meta",
          dict(q=q.to("meta"), k=k.to("meta"), v=v.to("meta"))),
-        (ValueError, f"flash_attention: k must be on q's device {DEV}, got meta", dict(k=k.to("meta"))),
+        (ValueError, f"flash_attention: k must be on q's device {q.device}, got meta", dict(k=k.to("meta"))),
     ]
     for error, message, change in cases:
         args = dict(q=q, k=k, v=v, causal=False, sm_scale=None) | change
@@ -454,4 +454,7 @@ def test_benchmark_rows(monkeypatch):
     for r in rows:
         assert r["median_ms"] > 0 and r["baseline_ms"] > 0
         assert r["ratio"] == pytest.approx(r["tflops"] / r["baseline_tflops"])
+        assert r["tflops"] == pytest.approx(r["flops"] / r["median_ms"] / 1e9)
+        assert r["flops"] == fa.attention_flops(1, 2, 40, 16, causal=True) * (3.5 if r["pass"] == "fwd+bwd" else 1)
+        assert r["roof_fraction"] == pytest.approx(r["tflops"] / r["roof_tflops"])
         assert r["max_abs_diff"] < (1e-5 if dtype == torch.float32 else 1e-2)  # the same attention as SDPA

@@ -9,10 +9,15 @@ One row per (shape, causal, pass, baseline), measured side by side in one run:
 - on a CPU: a tiny shape in Triton's interpreter against SDPA's CPU kernel, a check of the code
   path and of the numbers, not of speed (the interpreter is ~1000x slower than a GPU).
 
-Each row holds median_ms (labkit's kernel), baseline_ms, ratio = baseline_ms / median_ms (the
-TFLOP/s ratio: above 1, labkit is faster), tflops and baseline_tflops (attention matmul FLOPs:
-4 B H N^2 D forward, halved by a causal mask, x3.5 for forward+backward), and max_abs_diff,
-the largest difference between the two outputs of the forward.
+Each row holds the device, median_ms (labkit's kernel), baseline_ms, ratio = baseline_ms / median_ms
+(above 1, labkit is faster), flops, tflops and baseline_tflops, roof_fraction = tflops / roof_tflops (the
+matmul peak `roofline.probe_device` measures in the same run: about 786 TFLOP/s in bf16 on the course's
+H100), and max_abs_diff, the largest difference between the two forwards' outputs.
+
+FLOPs follow FlashAttention's benchmarks (`attention_flops`): the matmuls only, 4 B H N^2 D for the
+forward (Q K^T and P V), halved with a causal mask (the tiles above the diagonal are skipped); the
+backward counts 2.5x the forward (five matmuls, one of them the recomputed Q K^T), so a forward+backward
+row counts 3.5x. The exponentials and the diagonal tiles' masked half are not counted.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch.nn.functional as F
 
 from labkit import bench
 from labkit.kernels import flash_attention as fa
+from labkit.perf import roofline as rl
 
 
 def settings(quick: bool = False) -> dict:
@@ -67,6 +73,7 @@ def attention_rows(quick: bool = False, *, progress: bool = True) -> list[dict]:
     s = settings(quick)
     dev, dtype, H = fa.kernel_device(), s["dtype"], s["heads"]
     device = bench.device_name(dev)
+    peak = rl.probe_device((dtype,), device=dev).peak(dtype)  # FLOP/s of a large matmul, measured now
     plan = [(shape, causal, backward) for shape in s["shapes"] for causal in s["causal"] for backward in (False, True)]
     rows = []
     for (B, N, D), causal, backward in tqdm(plan, desc="flash attention vs SDPA", leave=False, disable=not progress):
@@ -103,8 +110,8 @@ def attention_rows(quick: bool = False, *, progress: bool = True) -> list[dict]:
                 "batch": B, "heads": H, "seq_len": N, "head_dim": D, "causal": causal,
                 "pass": "fwd+bwd" if backward else "fwd", "baseline": name,
                 "median_ms": mine.median_ms, "baseline_ms": base.median_ms, "ratio": base.median_s / mine.median_s,
-                "tflops": flops / mine.median_s / 1e12, "baseline_tflops": flops / base.median_s / 1e12,
-                "max_abs_diff": diff,
+                "flops": flops, "tflops": flops / mine.median_s / 1e12, "baseline_tflops": flops / base.median_s / 1e12,
+                "roof_tflops": peak / 1e12, "roof_fraction": flops / mine.median_s / peak, "max_abs_diff": diff,
             })
     return rows
 

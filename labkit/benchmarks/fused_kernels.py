@@ -1,9 +1,15 @@
 """Benchmarks of chapter 17-fused-kernels: labkit's Triton kernels beside eager PyTorch and Liger-Kernel.
 
+Every row carries the device, median_ms, baseline (its name), baseline_ms, ratio = baseline_ms / median_ms
+(above 1, the row's implementation is faster), a throughput and roof_fraction, the fraction of this
+device's roof that bounds the op, measured in the same run by `roofline.probe_device` (on the course's
+H100: about 786 TFLOP/s for a bf16 matmul, 3.0 TB/s for a copy).
+
 1. kind "flce": the loss layer, linear + cross-entropy, forward + backward, three ways in one run:
-   eager (`F.cross_entropy(F.linear(x, W), target)`), labkit's fused_linear_cross_entropy, and
-   Liger's LigerFusedLinearCrossEntropyLoss. Each row has its median time and its peak memory
-   above the inputs; ours carries memory_vs_eager (target <= 0.25) and time_vs_liger (target <= 1).
+   eager (`F.cross_entropy(F.linear(x, W), target)`, the baseline), labkit's fused_linear_cross_entropy,
+   and Liger's LigerFusedLinearCrossEntropyLoss. Each row has its median time, tflops (the three
+   matmuls, 6 N V H FLOPs, against the matmul roof) and its peak memory above the inputs; the rows carry
+   memory_vs_eager (target for labkit <= 0.25) and time_vs_liger (target <= 1).
    On a GPU: tokens 8192, hidden 4096, vocab 128,256 (Llama-3), bf16, peak from
    torch.cuda.max_memory_allocated. On a CPU: small sizes, fp32, and the peak counted by
    `PeakMemory` (every storage torch allocates, freed when its storage dies): a CPU stand-in
@@ -12,9 +18,10 @@
    hidden 4096, intermediate 14336, 32 query / 8 KV heads of dim 128, bf16) on a GPU, small on
    a CPU. baseline_ms is Liger's kernel on a GPU and eager PyTorch on a CPU (Liger's Triton
    kernels other than cross-entropy do not run under the interpreter); eager_ms is always
-   there. bandwidth_frac = the fused kernels' minimum bytes / time / 3.0 TB/s (the device copy
-   bandwidth measured on the course's H100). eager_bytes counts what eager PyTorch's aten ops
-   read and write (`ByteCounter`), fused_bytes the kernels' minimum.
+   there. gb_per_s = the fused kernels' minimum bytes (fused_bytes) / time, against the copy
+   bandwidth. eager_bytes counts what eager PyTorch's aten ops read and write (`ByteCounter`).
+   Each implementation runs on its own copy of the inputs and upstream gradients: Liger's kernels
+   write in place (RoPE into q and k, SwiGLU's backward into its inputs, RMSNorm's into dy).
 
 Also here, for the chapter and its tests: `kernel_loss` (TinyGPT's loss with every fusable op
 replaced by labkit.kernels, what Liger's `apply_liger_kernel_to_llama` patches into a model).
@@ -31,8 +38,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from labkit import bench, runtime
-from labkit.kernels._common import interpreting
+from labkit import bench
+from labkit.kernels._common import INTERPRET, kernel_device
 from labkit.kernels.fused_linear_ce import default_chunk_size, fused_linear_cross_entropy
 from labkit.kernels.rmsnorm import rms_norm, rms_norm_bytes
 from labkit.kernels.rope import apply_rope, rope_bytes
@@ -40,8 +47,7 @@ from labkit.kernels.swiglu import swiglu, swiglu_bytes
 from labkit.models import TinyGPT
 from labkit.models.gpt import IGNORE_INDEX, rope_cache
 from labkit.models.gpt import apply_rope as eager_rope
-
-H100_BANDWIDTH = 3.0e12  # bytes/s: device-to-device copy measured on the course's H100 (ENVIRONMENT.md)
+from labkit.perf import roofline as rl
 
 
 # --- measuring without a GPU ------------------------------------------------------------------
@@ -65,14 +71,13 @@ class PeakMemory(TorchDispatchMode):
         self.peak = 0
         self.largest = 0  # the largest single storage: eager's (tokens, vocab) logits, say
         self._sizes: dict[int, int] = {}
-        self._interpreting = interpreting()
 
     def _free(self, key: int) -> None:
         self.live -= self._sizes.pop(key, 0)
 
     def __enter__(self):
         self._gc_was_enabled = gc.isenabled()
-        if self._interpreting:
+        if INTERPRET:
             gc.disable()
         return super().__enter__()
 
@@ -90,7 +95,7 @@ class PeakMemory(TorchDispatchMode):
                 storage = t.untyped_storage()
                 key, n = storage.data_ptr(), storage.nbytes()
                 if n and key not in self._sizes:
-                    if self._interpreting:
+                    if INTERPRET:
                         gc.collect(0)  # free what the last kernel launch left in a cycle
                     self._sizes[key] = n
                     self.live += n
@@ -127,8 +132,10 @@ class ByteCounter(TorchDispatchMode):
 
 
 def peak_bytes(fn) -> tuple[int, str]:
-    """(peak bytes above what was allocated before, how it was measured) for one call of fn()."""
-    if runtime.on_gpu():
+    """(peak bytes above what was allocated before, how it was measured) for one call of fn() on the
+    kernels' device. Free what an earlier call left behind (e.g. .grad) before: on a GPU it counts as
+    allocated before the call, and freeing it inside fn would hide that much of the peak."""
+    if kernel_device().type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -182,7 +189,7 @@ def settings(quick: bool = False) -> dict:
     """Sizes for the current profile: Llama-3-8B's on a GPU, small ones on a CPU."""
     if not isinstance(quick, bool):
         raise TypeError(f"settings: quick must be a bool, got {type(quick).__name__}")
-    if runtime.on_gpu():
+    if kernel_device().type == "cuda":
         return dict(dtype=torch.bfloat16, tokens=8192, hidden=4096, vocab=128256, chunk_size=None,
                     intermediate=14336, n_head=32, n_kv_head=8, head_dim=128, repeats=5 if quick else 20, warmup=2)
     # Liger's chunk rule gives tiny chunks at vocab / hidden = 64 (N / 64 tokens): slow under the interpreter
@@ -192,24 +199,24 @@ def settings(quick: bool = False) -> dict:
 
 
 def _liger(name: str):
-    """Liger-Kernel's implementation of `name`, or None where it cannot run (its Triton kernels other
-    than cross-entropy need a GPU) or is not installed."""
+    """Liger-Kernel's implementation of `name` (liger-kernel 0.8.5's names), or None where it cannot run
+    (its Triton kernels other than cross-entropy need a GPU) or is not installed."""
     try:
         logging.getLogger("liger_kernel").setLevel(logging.ERROR)  # optional-backend import chatter
         if name == "flce":
-            from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
             loss = LigerFusedLinearCrossEntropyLoss()
-            return lambda x, w, t: loss(w, x, t)
-        if not runtime.on_gpu():
+            return lambda x, w, t: loss(w, x, t)  # Liger takes the weight first
+        if kernel_device().type != "cuda":
             return None
-        if name == "rmsnorm":
+        if name == "rmsnorm":  # LigerRMSNorm's function; in_place=True (its default) writes dx over dy
             from liger_kernel.transformers.functional import liger_rms_norm
             return lambda x, w: liger_rms_norm(x, w, 1e-6)
-        if name == "swiglu":
+        if name == "swiglu":  # LigerSwiGLUMLP's gate, silu(a) * b
             from liger_kernel.transformers.functional import liger_swiglu
             return liger_swiglu
         if name == "rope":  # Hugging Face's tables: (1, T, D), each angle twice
-            from liger_kernel.transformers.rope import liger_rotary_pos_emb
+            from liger_kernel.transformers import liger_rotary_pos_emb
             return liger_rotary_pos_emb
     except ImportError:
         return None
@@ -229,13 +236,24 @@ def _fwd_bwd(fn, inputs: list[torch.Tensor], grads):
     return step
 
 
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    """A fresh leaf with t's values, strides and requires_grad."""
+    return t.detach().clone().requires_grad_(t.requires_grad)
+
+
+def measured_roofs(dtype: torch.dtype) -> rl.Device:
+    """This device's matmul peak for `dtype` and copy bandwidth, measured now (roofline.probe_device)."""
+    return rl.probe_device((dtype,), device=kernel_device())
+
+
 # --- 1. the loss layer ----------------------------------------------------------------------------
 
 
-def flce_rows(quick: bool = False) -> list[dict]:
+def flce_rows(quick: bool = False, *, roofs: rl.Device | None = None) -> list[dict]:
     """Eager vs labkit vs Liger fused linear cross-entropy: time and peak memory, forward + backward."""
     s = settings(quick)
-    dev, dtype, device = runtime.device(), s["dtype"], bench.device_name()
+    dev, dtype = kernel_device(), s["dtype"]
+    device, roofs = bench.device_name(dev), roofs or measured_roofs(dtype)
     N, Hd, V = s["tokens"], s["hidden"], s["vocab"]
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(N, Hd, generator=gen) * 0.5).to(dev, dtype).requires_grad_()
@@ -243,6 +261,7 @@ def flce_rows(quick: bool = False) -> list[dict]:
     t = torch.randint(0, V, (N,), generator=gen).to(dev)
     t[::7] = IGNORE_INDEX  # some unscored positions, like padding
     chunk = s["chunk_size"] or default_chunk_size(N, Hd, V)
+    flops = 3 * 2 * N * V * Hd  # logits x W^T, dx = dz W, dW = dz^T x: the same for all three
     impls = {"eager": lambda x, w, t: F.cross_entropy(F.linear(x, w), t),
              "labkit": lambda x, w, t: fused_linear_cross_entropy(x, w, t, chunk_size=chunk)}
     liger = _liger("flce")
@@ -255,7 +274,7 @@ def flce_rows(quick: bool = False) -> list[dict]:
         x.grad = W.grad = None
         peak, how = peak_bytes(step)
         x.grad = W.grad = None
-        timing = bench.timeit(step, warmup=s["warmup"], repeats=s["repeats"])
+        timing = bench.timeit(step, warmup=s["warmup"], repeats=s["repeats"], device=dev)
         results[name] = (timing.median_ms, peak, how)
     eager_ms, eager_peak, _ = results["eager"]
     liger_ms = results.get("liger", (None,))[0]
@@ -263,12 +282,14 @@ def flce_rows(quick: bool = False) -> list[dict]:
     for name, (ms, peak, how) in results.items():
         rows.append({
             "name": f"linear+CE fwd+bwd: {name}", "kind": "flce", "impl": name, "device": device,
-            "dtype": str(dtype).replace("torch.", ""), "tokens": N, "hidden": Hd, "vocab": V,
+            "dtype": str(dtype).removeprefix("torch."), "tokens": N, "hidden": Hd, "vocab": V,
             "chunk_size": chunk if name == "labkit" else None,
-            "median_ms": ms, "baseline_ms": eager_ms, "ratio": eager_ms / ms,
+            "median_ms": ms, "baseline": "eager", "baseline_ms": eager_ms, "ratio": eager_ms / ms,
+            "flops": flops, "tflops": flops / (ms / 1e3) / 1e12, "roof_tflops": roofs.peak(dtype) / 1e12,
+            "roof_fraction": flops / (ms / 1e3) / roofs.peak(dtype),
             "peak_bytes": peak, "eager_peak_bytes": eager_peak, "memory_vs_eager": peak / eager_peak,
             "liger_ms": liger_ms, "time_vs_liger": ms / liger_ms if liger_ms else None,
-            "logits_bytes": N * V * torch.finfo(dtype).bits // 8, "memory_measured_by": how,
+            "logits_bytes": N * V * dtype.itemsize, "memory_measured_by": how,
         })
     return rows
 
@@ -278,10 +299,10 @@ def flce_rows(quick: bool = False) -> list[dict]:
 
 def _op_cases(s: dict, gen: torch.Generator) -> tuple[dict, tuple[torch.Tensor, torch.Tensor]]:
     """For each op: (labkit fn, eager fn, inputs, upstream grads, fused bytes fwd+bwd); and RoPE's cos, sin."""
-    dev, dtype = runtime.device(), s["dtype"]
+    dev, dtype = kernel_device(), s["dtype"]
     N, C, I = s["tokens"], s["hidden"], s["intermediate"]
     Hq, Hk, D = s["n_head"], s["n_kv_head"], s["head_dim"]
-    b = torch.finfo(dtype).bits // 8
+    b = dtype.itemsize
 
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen) * scale).to(dev, dtype)
@@ -308,10 +329,11 @@ def _op_cases(s: dict, gen: torch.Generator) -> tuple[dict, tuple[torch.Tensor, 
     }, (cos, sin)
 
 
-def op_rows(quick: bool = False) -> list[dict]:
+def op_rows(quick: bool = False, *, roofs: rl.Device | None = None) -> list[dict]:
     """labkit vs Liger (GPU) or eager (CPU) for RMSNorm, SwiGLU and RoPE, forward + backward."""
     s = settings(quick)
-    device = bench.device_name()
+    dev = kernel_device()
+    device, roofs = bench.device_name(dev), roofs or measured_roofs(s["dtype"])
     cases, (cos, sin) = _op_cases(s, torch.Generator().manual_seed(1))
     rows = []
     for name, (ours, eager, inputs, grads, fused_bytes) in cases.items():
@@ -322,24 +344,29 @@ def op_rows(quick: bool = False) -> list[dict]:
         with ByteCounter() as bc:
             _fwd_bwd(eager, inputs, grads)()
         timed = {"labkit": ours, "eager": eager} | ({"liger": liger} if liger is not None else {})
-        ms = {n: bench.timeit(_fwd_bwd(fn, inputs, grads), warmup=s["warmup"], repeats=s["repeats"]).median_ms
-              for n, fn in timed.items()}
+        ms = {}
+        for impl, fn in timed.items():  # each on its own copies: Liger's kernels write in place
+            upstream = tuple(map(_copy, grads)) if isinstance(grads, tuple) else _copy(grads)
+            step = _fwd_bwd(fn, [_copy(t) for t in inputs], upstream)
+            ms[impl] = bench.timeit(step, warmup=s["warmup"], repeats=s["repeats"], device=dev).median_ms
         base = "liger" if "liger" in ms else "eager"
+        bytes_per_s = fused_bytes / (ms["labkit"] / 1e3)
         rows.append({
             "name": f"{name} fwd+bwd: labkit vs {base}", "kind": name, "device": device,
-            "dtype": str(s["dtype"]).replace("torch.", ""), "shape": [list(t.shape) for t in inputs],
-            "median_ms": ms["labkit"], "baseline_ms": ms[base], "baseline": base, "ratio": ms[base] / ms["labkit"],
-            "eager_ms": ms["eager"], "liger_ms": ms.get("liger"),
-            "fused_bytes": fused_bytes, "eager_bytes": bc.bytes,
-            "bandwidth_frac": fused_bytes / (ms["labkit"] / 1e3) / H100_BANDWIDTH,
+            "dtype": str(s["dtype"]).removeprefix("torch."), "shape": [list(t.shape) for t in inputs],
+            "median_ms": ms["labkit"], "baseline": base, "baseline_ms": ms[base], "ratio": ms[base] / ms["labkit"],
+            "eager_ms": ms["eager"], "liger_ms": ms.get("liger"), "fused_bytes": fused_bytes, "eager_bytes": bc.bytes,
+            "gb_per_s": bytes_per_s / 1e9, "roof_gb_per_s": roofs.bandwidth / 1e9,
+            "roof_fraction": bytes_per_s / roofs.bandwidth,
         })
     return rows
 
 
 def run(quick: bool = False) -> list[dict]:
-    """All of the chapter's benchmarks on the current device."""
-    return flce_rows(quick) + op_rows(quick)
+    """All of the chapter's benchmarks on the current device, against roofs measured once for both."""
+    roofs = measured_roofs(settings(quick)["dtype"])
+    return flce_rows(quick, roofs=roofs) + op_rows(quick, roofs=roofs)
 
 
-__all__ = ["ByteCounter", "H100_BANDWIDTH", "PeakMemory", "flce_rows", "kernel_loss", "op_rows",
-           "peak_bytes", "run", "settings"]
+__all__ = ["ByteCounter", "PeakMemory", "flce_rows", "kernel_loss", "measured_roofs", "op_rows", "peak_bytes",
+           "run", "settings"]

@@ -1,8 +1,8 @@
 """Exercises of chapter 17-fused-kernels (registered on import; graded by labkit.check).
 
-    fused_kernels.rmsnorm_kernel     fn(x, weight, eps) -> y: RMSNorm of x (N, C) computed by a Triton kernel
-    fused_kernels.ce_grad            fn(logits, target, ignore_index, reduction) -> d loss / d logits
-    fused_kernels.loss_layer_bytes   fn(tokens, vocab, hidden, dtype_bytes, chunk_size) -> (eager, fused) peak bytes
+    fused-kernels.rmsnorm_kernel     fn(x, weight, eps) -> y: RMSNorm of x (N, C) computed by a Triton kernel
+    fused-kernels.ce_grad            fn(logits, target, ignore_index, reduction) -> d loss / d logits
+    fused-kernels.loss_layer_bytes   fn(tokens, vocab, hidden, dtype_bytes, chunk_size) -> (eager, fused) peak bytes
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from labkit import runtime
 from labkit.exercises import Exercise, register
 from labkit.kernels import fused_linear_ce as flce
+from labkit.kernels._common import kernel_device
 from labkit.kernels.rmsnorm import rms_norm
 
-# --- fused_kernels.rmsnorm_kernel ------------------------------------------------------------
+# --- fused-kernels.rmsnorm_kernel ------------------------------------------------------------
 
 
 def rmsnorm_kernel(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -27,7 +27,7 @@ def rmsnorm_kernel(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 def _rms_cases(rng):
     gen = torch.Generator().manual_seed(rng.randrange(2**31))
-    dev = runtime.device()  # the student's kernel runs where labkit's do: compiled on a GPU, interpreted on a CPU
+    dev = kernel_device()  # the student's kernel runs where labkit's do: compiled on a GPU, interpreted on a CPU
 
     def case(n, c, eps=1e-6, scale=1.0):
         return dict(x=(torch.randn(n, c, generator=gen) * scale).to(dev),
@@ -77,7 +77,7 @@ def _require_kernel(fn, case) -> str | None:
 
 
 register(Exercise(
-    name="fused_kernels.rmsnorm_kernel",
+    name="fused-kernels.rmsnorm_kernel",
     reference=rmsnorm_kernel,
     cases=_rms_cases,
     rtol=1e-5, atol=1e-5,
@@ -88,7 +88,7 @@ register(Exercise(
          "rstd = 1 / tl.sqrt(tl.sum(x * x) / C + eps) (divide by C, not BLOCK_C); store x * rstd * w under the mask.",
 ))
 
-# --- fused_kernels.ce_grad ----------------------------------------------------------------------
+# --- fused-kernels.ce_grad ----------------------------------------------------------------------
 
 
 def ce_grad(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
@@ -121,7 +121,7 @@ def _ce_cases(rng):
 
 
 register(Exercise(
-    name="fused_kernels.ce_grad",
+    name="fused-kernels.ce_grad",
     reference=ce_grad,
     cases=_ce_cases,
     rtol=1e-5, atol=1e-6,
@@ -129,7 +129,7 @@ register(Exercise(
          "ignore_index; for reduction='mean' divide by the number of rows that are *not* ignored.",
 ))
 
-# --- fused_kernels.loss_layer_bytes ---------------------------------------------------------------
+# --- fused-kernels.loss_layer_bytes ---------------------------------------------------------------
 
 
 def loss_layer_bytes(tokens: int, vocab: int, hidden: int, dtype_bytes: int, chunk_size: int) -> tuple[int, int]:
@@ -152,7 +152,7 @@ def _bytes_cases(rng):
 
 
 register(Exercise(
-    name="fused_kernels.loss_layer_bytes",
+    name="fused-kernels.loss_layer_bytes",
     reference=loss_layer_bytes,
     cases=_bytes_cases,
     rtol=0.0, atol=0.0,

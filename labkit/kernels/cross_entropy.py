@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from labkit import _checks
-from labkit.kernels._common import acc_dtype, check_float_tensor, interpreting
+from labkit.kernels._common import INTERPRET, acc_dtype, check_float_tensor, round_to
 
 REDUCTIONS = ("mean", "sum", "none")
 INTERPRETER_BLOCK = 65536  # elements per program under the CPU interpreter (~0.5 ms per program)
@@ -65,7 +65,7 @@ def check_targets(owner: str, target, n_rows: int, n_classes: int, ignore_index:
 def launch_config(n_rows: int, n_cols: int) -> tuple[int, int, int]:
     """(BLOCK_M rows, BLOCK_V columns, num_warps) of the CE kernel: one row per program, a 32k-wide
     vocabulary block and 32 warps on a GPU (as Liger); a few big blocks under the interpreter."""
-    if interpreting():
+    if INTERPRET:
         block_v = min(triton.next_power_of_2(n_cols), INTERPRETER_BLOCK)
         return min(triton.next_power_of_2(max(n_rows, 1)), max(1, INTERPRETER_BLOCK // block_v)), block_v, 1
     block_v = min(triton.next_power_of_2(n_cols), GPU_BLOCK_V)
@@ -126,7 +126,7 @@ def ce_fwd_kernel(z_ptr, stride_z, target_ptr, loss_ptr, grad_ptr, stride_grad, 
                 z = z.to(tl.float32)
             p = tl.exp(z - m[:, None]) / d[:, None]
             p = tl.where(cols[None, :] == y[:, None], p - 1.0, p)
-            tl.store(g_row[:, None] + cols[None, :], (p * s[:, None]).to(grad_ptr.dtype.element_ty), mask=mask)
+            tl.store(g_row[:, None] + cols[None, :], round_to(p * s[:, None], grad_ptr.dtype.element_ty), mask=mask)
 
 
 def ce_rows(z: torch.Tensor, target: torch.Tensor, ignore_index: int, *, grad: torch.Tensor | None = None,

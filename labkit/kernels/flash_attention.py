@@ -47,7 +47,6 @@ References:
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn as nn
@@ -57,6 +56,8 @@ import triton  # labkit's __init__ has already switched Triton to its interprete
 import triton.language as tl
 
 from labkit import _checks
+from labkit.kernels._common import (FLOAT_DTYPES, INTERPRET, acc_dtype, check_kernel_device, check_tensor,
+                                    kernel_device, round_to)
 from labkit.models.gpt import CausalSelfAttention
 from labkit.perf import roofline
 
@@ -66,26 +67,14 @@ HEAD_DIMS = (16, 32, 64, 128)  # head dims the Triton kernels are built for
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634  # log2(e): the kernels use exp2, so scores are scaled by scale * log2(e)
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once, as the kernels are defined
-
-
-def kernel_device() -> torch.device:
-    """Where the Triton kernels run in this process: 'cuda' when compiled, 'cpu' under the interpreter."""
-    return torch.device("cpu" if INTERPRET else "cuda")
-
 
 # --- input checks -------------------------------------------------------------------------
 
 
-def check_inputs(owner: str, q, k, v, causal, sm_scale, *, dtypes=None, head_dims=None) -> float:
+def check_inputs(owner: str, q, k, v, causal, sm_scale, *, dtypes=FLOAT_DTYPES, head_dims=None) -> float:
     """Validate q, k, v (B, H, N, D) and the options; returns the softmax scale (default 1/sqrt(D))."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    allowed = dtypes or (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-    if q.dtype not in allowed:
-        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
-        raise TypeError(f"{owner}: q must have dtype {names}, got {q.dtype}")
+        check_tensor(owner, name, t, dtypes)
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"{owner}: {name} must have q's dtype {q.dtype}, got {t.dtype}")
@@ -169,10 +158,6 @@ def key_blocks(query_block: int, block_m: int, block_n: int, seq_len: int, causa
 # --- FlashAttention in plain PyTorch, tile by tile ----------------------------------------------
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _causal_block_mask(i0: int, i1: int, j0: int, j1: int, device) -> torch.Tensor:
     """(i1 - i0, j1 - j0) bool: True where key j is in query i's future (to be masked)."""
     rows = torch.arange(i0, i1, device=device).unsqueeze(1)
@@ -192,7 +177,7 @@ def tiled_attention_forward(q, k, v, causal: bool = False, sm_scale: float | Non
     block_m = _checks.integer(owner, "block_m", block_m, low=1)
     block_n = _checks.integer(owner, "block_n", block_n, low=1)
     B, H, N, D = q.shape
-    acc_t = _acc_dtype(q.dtype)
+    acc_t = acc_dtype(q.dtype)
     o = torch.empty_like(q)  # (B, H, N, D)
     lse = torch.empty(B, H, N, dtype=acc_t, device=q.device)  # (B, H, N)
     for qb in range(math.ceil(N / block_m)):
@@ -225,7 +210,7 @@ def tiled_attention_backward(q, k, v, o, lse, do, causal: bool = False, sm_scale
         raise ValueError(f"{owner}: o and do must have q's shape {tuple(q.shape)} and lse {tuple(q.shape[:-1])}, "
                          f"got {tuple(o.shape)}, {tuple(do.shape)}, {tuple(lse.shape)}")
     B, H, N, D = q.shape
-    acc_t = _acc_dtype(q.dtype)
+    acc_t = acc_dtype(q.dtype)
     delta = (do.to(acc_t) * o.to(acc_t)).sum(dim=-1)  # (B, H, N): rowsum(dO * O), the preprocessing pass
     dq = torch.zeros(B, H, N, D, dtype=acc_t, device=q.device)
     dk, dv = torch.zeros_like(dq), torch.zeros_like(dq)
@@ -303,20 +288,6 @@ _TUNE = dict(key=["N", "HEAD_DIM", "CAUSAL"], prune_configs_by={"early_config_pr
 
 
 @triton.jit
-def _round(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
-    """x (float32) rounded to the input precision `dtype`, the way tensor cores read it. UPCAST (the
-    interpreter with bf16): round to nearest even by hand and stay in float32, since the interpreter
-    truncates float32 -> bf16 and cannot tl.dot bf16."""
-    if UPCAST:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        x = bits.to(tl.float32, bitcast=True)
-    else:
-        x = x.to(dtype)
-    return x
-
-
-@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, lo, hi, N, qk_scale,
                BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
                PRECISION: tl.constexpr):
@@ -344,7 +315,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, o
             v = tl.load(v_ptrs + start_n * stride_vn, mask=cols[:, None] < N, other=0.0)  # (BLOCK_N, D)
         else:
             v = tl.load(v_ptrs + start_n * stride_vn)
-        p_in = _round(p, v.dtype, UPCAST)  # P in the input precision, as the tensor cores read it
+        p_in = round_to(p, v.dtype)  # P in the input precision, as the tensor cores read it
         if UPCAST:
             v = v.to(tl.float32)
         acc = tl.dot(p_in, v, acc * alpha[:, None], input_precision=PRECISION)  # (BLOCK_M, D)
@@ -389,8 +360,8 @@ def _fwd_kernel(Q, K, V, O, LSE, qk_scale,
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # natural-log LSE of the scaled scores
     row = bh * N + offs_m  # (BLOCK_M,) row index into the contiguous (B*H*N) layout
     tl.store(LSE + row, lse, mask=offs_m < N)
-    o = _round(o, O.dtype.element_ty, UPCAST).to(O.dtype.element_ty)
-    tl.store(O + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=offs_m[:, None] < N)
+    tl.store(O + row[:, None] * HEAD_DIM + offs_d[None, :], round_to(o, O.dtype.element_ty),
+             mask=offs_m[:, None] < N)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -453,13 +424,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sm_scale, qk_scale,
         if CAUSAL:
             keep = keep & (rows[None, :] >= offs_n[:, None])
         p_t = tl.where(keep, p_t, 0.0)
-        dv = tl.dot(_round(p_t, in_dtype, UPCAST), do, dv, input_precision=PRECISION)  # dV += P^T dO
+        dv = tl.dot(round_to(p_t, in_dtype), do, dv, input_precision=PRECISION)  # dV += P^T dO
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M) = (dO V^T)^T
         ds_t = p_t * (dp_t - delta[None, :])  # dS^T
-        dk = tl.dot(_round(ds_t, in_dtype, UPCAST), q, dk, input_precision=PRECISION)  # dK += dS^T Q
+        dk = tl.dot(round_to(ds_t, in_dtype), q, dk, input_precision=PRECISION)  # dK += dS^T Q
     out = (bh * N + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(DK + out, _round(dk * sm_scale, in_dtype, UPCAST).to(in_dtype), mask=key_ok)
-    tl.store(DV + out, _round(dv, in_dtype, UPCAST).to(in_dtype), mask=key_ok)
+    tl.store(DK + out, round_to(dk * sm_scale, in_dtype), mask=key_ok)
+    tl.store(DV + out, round_to(dv, in_dtype), mask=key_ok)
 
 
 @triton.autotune(configs=_configs(GPU_BWD_TILES), **_TUNE)
@@ -508,9 +479,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sm_scale, qk_scale,
         p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(_round(ds, in_dtype, UPCAST), k, dq, input_precision=PRECISION)  # dQ += dS K
-    dq = _round(dq * sm_scale, in_dtype, UPCAST).to(in_dtype)
-    tl.store(DQ + (bh * N + offs_m)[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=row_ok[:, None])
+        dq = tl.dot(round_to(ds, in_dtype), k, dq, input_precision=PRECISION)  # dQ += dS K
+    tl.store(DQ + (bh * N + offs_m)[:, None] * HEAD_DIM + offs_d[None, :], round_to(dq * sm_scale, in_dtype),
+             mask=row_ok[:, None])
 
 
 # --- launching them ----------------------------------------------------------------------------
@@ -518,15 +489,13 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sm_scale, qk_scale,
 
 def _check_kernel_inputs(owner, q, k, v, causal, sm_scale) -> float:
     scale = check_inputs(owner, q, k, v, causal, sm_scale, dtypes=KERNEL_DTYPES, head_dims=HEAD_DIMS)
-    if q.device.type != kernel_device().type:
-        how = ("set TRITON_INTERPRET=1 before importing labkit to run Triton on the CPU" if not INTERPRET
-               else "Triton runs in its interpreter in this process: pass CPU tensors")
-        raise ValueError(f"{owner}: q must be on {kernel_device().type} here, got {q.device} ({how})")
+    check_kernel_device(owner, "q", q)  # k and v are on q's device
     return scale
 
 
 def _kernel_flags(dtype: torch.dtype) -> tuple[bool, str]:
-    """(UPCAST, PRECISION): the interpreter cannot tl.dot bf16, and fp32 must not round to TF32."""
+    """(UPCAST, PRECISION): the interpreter cannot tl.dot bf16 (loads go to float32, `round_to` keeps
+    bf16-rounded values in float32 there), and fp32 must not round to TF32."""
     return INTERPRET and dtype == torch.bfloat16, "ieee" if dtype == torch.float32 else "tf32"
 
 

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from labkit import _checks
-from labkit.kernels._common import acc_dtype, check_float_tensor, interpreting, rows_view, unit_last_stride
+from labkit.kernels._common import INTERPRET, acc_dtype, check_float_tensor, round_to, rows_view, unit_last_stride
 
 # Under Triton's CPU interpreter every program instance costs ~0.5 ms: give each one a big
 # block (up to this many elements) so a CPU grid stays a handful of programs.
@@ -41,7 +41,7 @@ INTERPRETER_BLOCK = 8192
 
 def _launch(n_rows: int, block_c: int) -> tuple[int, int]:
     """(rows per block, num_warps): one long row per program on a GPU, big blocks in the interpreter."""
-    if interpreting():
+    if INTERPRET:
         return min(triton.next_power_of_2(n_rows), max(1, INTERPRETER_BLOCK // block_c)), 1
     warps = 4 if block_c < 2048 else 8 if block_c < 8192 else 16
     return max(1, min(16, 2048 // block_c)), warps
@@ -49,7 +49,7 @@ def _launch(n_rows: int, block_c: int) -> tuple[int, int]:
 
 def _n_programs(device: torch.device, n_blocks: int) -> int:
     """How many programs share the row blocks in the backward (each writes one partial dweight row)."""
-    if interpreting():
+    if INTERPRET:
         return min(2, n_blocks)
     return min(2 * torch.cuda.get_device_properties(device).multi_processor_count, n_blocks)  # two per SM
 
@@ -72,7 +72,7 @@ def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n_rows, n_cols, stride_x
         w = w.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)  # (BLOCK_M,): padding adds 0, divide by C
     y = x * rstd[:, None] * w[None, :]
-    tl.store(y_ptr + rows64[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + rows64[:, None] * stride_y + cols[None, :], round_to(y, y_ptr.dtype.element_ty), mask=mask)
     tl.store(rstd_ptr + rows, rstd, mask=row_ok)
 
 
@@ -105,7 +105,7 @@ def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, n_rows,
         g = dy * w[None, :]
         c = tl.sum(g * x_hat, axis=1) / n_cols  # (BLOCK_M,): mean(g * x_hat)
         dx = (g - x_hat * c[:, None]) * rstd[:, None]
-        tl.store(dx_ptr + rows64[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + rows64[:, None] * stride_dx + cols[None, :], round_to(dx, dx_ptr.dtype.element_ty), mask=mask)
         dw += tl.sum(dy * x_hat, axis=0)
     tl.store(dw_ptr + pid * n_cols + cols, dw, mask=col_ok)  # one partial row per program
 

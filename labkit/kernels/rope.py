@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from labkit import _checks
-from labkit.kernels._common import check_float_tensor, interpreting, unit_last_stride
+from labkit.kernels._common import INTERPRET, check_float_tensor, round_to, unit_last_stride
 from labkit.models.gpt import rope_cache
 
 INTERPRETER_BLOCK = 16384  # elements of (rows, D/2) per program under the CPU interpreter
@@ -63,8 +63,8 @@ def _rotate_rows(x_ptr, y_ptr, cos_ptr, sin_ptr, block, n_heads, seq_len, n_rows
         s = s.to(tl.float32)
     if BACKWARD:
         s = -s  # rotate back by the same angle
-    tl.store(y_row[:, None] + d[None, :], (x1 * c - x2 * s).to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(y_row[:, None] + half + d[None, :], (x2 * c + x1 * s).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_row[:, None] + d[None, :], round_to(x1 * c - x2 * s, y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_row[:, None] + half + d[None, :], round_to(x2 * c + x1 * s, y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -90,7 +90,7 @@ def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     B, H, T, D = q.shape
     half = D // 2
     block_d = triton.next_power_of_2(half)
-    block_r = max(1, (INTERPRETER_BLOCK if interpreting() else GPU_BLOCK) // block_d)
+    block_r = max(1, (INTERPRETER_BLOCK if INTERPRET else GPU_BLOCK) // block_d)
     n_q, n_k = B * H * T, B * k.shape[1] * T
     block_r = min(block_r, triton.next_power_of_2(max(n_q, n_k, 1)))
     grid = (triton.cdiv(n_q, block_r) + triton.cdiv(n_k, block_r),)

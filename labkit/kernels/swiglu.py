@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from labkit import _checks
-from labkit.kernels._common import check_float_tensor, interpreting, rows_view, unit_last_stride
+from labkit.kernels._common import INTERPRET, check_float_tensor, round_to, rows_view, unit_last_stride
 
 INTERPRETER_BLOCK = 16384  # elements per program under the CPU interpreter (~0.5 ms per program)
 GPU_BLOCK = 4096  # elements per program on a GPU, over 8 warps: 16 per thread
@@ -38,7 +38,7 @@ GPU_BLOCK = 4096  # elements per program on a GPU, over 8 warps: 16 per thread
 
 def _blocks(n_rows: int, n_cols: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N): a 2-D tile of about INTERPRETER_BLOCK or GPU_BLOCK elements."""
-    budget = INTERPRETER_BLOCK if interpreting() else GPU_BLOCK
+    budget = INTERPRETER_BLOCK if INTERPRET else GPU_BLOCK
     block_n = min(triton.next_power_of_2(n_cols), budget)
     block_m = min(triton.next_power_of_2(n_rows), max(1, budget // block_n))
     return block_m, block_n
@@ -59,7 +59,7 @@ def _swiglu_fwd_kernel(g_ptr, u_ptr, h_ptr, n_rows, n_cols, stride_g, stride_u, 
         g = g.to(tl.float32)
         u = u.to(tl.float32)
     h = g / (1.0 + tl.exp(-g)) * u  # silu(g) * u
-    tl.store(h_ptr + rows[:, None] * stride_h + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
+    tl.store(h_ptr + rows[:, None] * stride_h + cols[None, :], round_to(h, h_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -79,8 +79,8 @@ def _swiglu_bwd_kernel(dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n_rows, n_cols, str
     silu = g * s
     dg = dh * u * s * (1.0 + g * (1.0 - s))
     du = dh * silu
-    tl.store(dg_ptr + rows[:, None] * stride_dg + cols[None, :], dg.to(dg_ptr.dtype.element_ty), mask=mask)
-    tl.store(du_ptr + rows[:, None] * stride_du + cols[None, :], du.to(du_ptr.dtype.element_ty), mask=mask)
+    tl.store(dg_ptr + rows[:, None] * stride_dg + cols[None, :], round_to(dg, dg_ptr.dtype.element_ty), mask=mask)
+    tl.store(du_ptr + rows[:, None] * stride_du + cols[None, :], round_to(du, du_ptr.dtype.element_ty), mask=mask)
 
 
 # --- autograd ---------------------------------------------------------------------------

@@ -10,10 +10,11 @@ import plotly.graph_objects as go
 import triton
 from plotly.subplots import make_subplots
 
+from labkit import _checks
 from labkit.kernels.fused_linear_ce import loss_layer_bytes
+from labkit.perf import roofline
 
 EAGER, FUSED, GRADS, LIGER = "#E45756", "#4C78A8", "#BAB0AC", "#54A24B"
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 H100_GB = 80
 
 
@@ -26,12 +27,10 @@ def loss_memory_figure(tokens: int = 8192, vocab: int = 128256, hidden: int = 40
     """Left: peak memory of the loss layer beyond its inputs, eager vs fused (labkit.kernels.fused_linear_ce.
     loss_layer_bytes), split into logits-sized buffers and the gradients dx, dW.
     Right: fused memory against the chunk size (log x), eager as a flat line. chunk_size 0 = Liger's rule."""
-    if dtype not in DTYPE_BYTES:
-        raise ValueError(f"loss_memory_figure: dtype must be one of {tuple(DTYPE_BYTES)}, got {dtype!r}")
+    owner = "loss_memory_figure"
     for name, v in (("tokens", tokens), ("vocab", vocab), ("hidden", hidden)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"loss_memory_figure: {name} must be an int >= 1, got {v!r}")
-    b = DTYPE_BYTES[dtype]
+        _checks.integer(owner, name, v, low=1)
+    b = roofline.bytes_per_element(dtype, where=owner)
     m = loss_layer_bytes(tokens, vocab, hidden, b, chunk_size or None)
     c = m["chunk_size"]
     fig = make_subplots(rows=1, cols=2, column_widths=[0.4, 0.6], horizontal_spacing=0.12,
