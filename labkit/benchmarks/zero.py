@@ -15,11 +15,17 @@
    copy (ratio = bandwidth / host-copy bandwidth).
 
 `train_stages` is the function the ranks run (launch imports it by name); the chapter calls it too.
+`train_deepspeed` runs the same training through DeepSpeed's engine (`deepspeed.initialize` at ZeRO
+stages 1-3; the chapter compares 2 and 3), for the chapter's side by side when DeepSpeed is installed
+(`DS_BUILD_OPS=0 pip install deepspeed`: no prebuilt ops; on a CPU its first run JIT-compiles one
+communication op, ~40 s). DeepSpeed is imported inside the ranks only, never with this module.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
+import os
 import statistics
 import time
 from contextlib import contextmanager
@@ -27,8 +33,9 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from labkit import bench, datasets, runtime
+from labkit import _checks, bench, datasets, runtime
 from labkit.models import GPTConfig, TinyGPT
+from labkit.optim import memory
 from labkit.parallel import offload as off
 from labkit.parallel import zero
 from labkit.parallel.launch import default_backend, launch, rank_device
@@ -78,6 +85,11 @@ def _one_thread():
 
 def _flat(tensors) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1).cpu() for t in tensors])
+
+
+def _storage_bytes(tensors) -> int:
+    """Bytes of the storages behind the tensors, each storage once (views of one flat buffer share it)."""
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
 def reference_run(model: dict, steps: int, batch: int, lr: float = 1e-2, seed: int = 0, world_size: int = 1,
@@ -167,6 +179,106 @@ def train_stages(modes=MODES, model: dict | None = None, steps: int = 20, batch:
     return out
 
 
+# --------------------------------------------------------------------------- DeepSpeed, side by side
+
+DEEPSPEED_STAGES = (2, 3)
+
+
+def deepspeed_available() -> bool:
+    """Whether DeepSpeed is installed (looked up without importing it: its import takes seconds)."""
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def deepspeed_config(stage: int, batch: int, world_size: int, lr: float = 1e-2,
+                     bucket_numel: int = zero.DEFAULT_BUCKET_NUMEL) -> dict:
+    """The DeepSpeed config of train_stages' run: fp32, torch's AdamW with its default hyperparameters (what
+    train_stages uses), one micro-batch of batch / world_size per rank and step, no gradient clipping."""
+    owner = "deepspeed_config"
+    stage = _checks.choice(owner, "stage", _checks.integer(owner, "stage", stage), zero.STAGES)
+    batch = _checks.integer(owner, "batch", batch, low=1)
+    world_size = _checks.integer(owner, "world_size", world_size, low=1)
+    if batch % world_size:
+        raise ValueError(f"{owner}: batch must be divisible by world_size={world_size}, got {batch}")
+    zero_cfg = {"stage": stage, "reduce_bucket_size": _checks.integer(owner, "bucket_numel", bucket_numel, low=1)}
+    if stage == 3:
+        zero_cfg["stage3_param_persistence_threshold"] = 0  # partition every parameter (DeepSpeed keeps < 1e5 whole)
+    return {
+        "train_batch_size": batch,  # global batch = micro-batch x accumulation steps x ranks
+        "train_micro_batch_size_per_gpu": batch // world_size,
+        "gradient_accumulation_steps": 1,  # engine.backward divides the loss by it: 1, as in train_stages
+        "gradient_clipping": 0.0,  # DeepSpeed clips the gradient norm at 1.0 unless told otherwise
+        # no "fp16" / "bf16" section: fp32 weights, gradients and states, and no loss scaling
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": _checks.number(owner, "lr", lr, low=0.0, low_open=True), "betas": [0.9, 0.999], "eps": 1e-8,
+            "weight_decay": 0.01,
+            "torch_adam": True}},  # torch.optim.AdamW: no fused or CPU Adam op is built (DS_BUILD_OPS=0)
+        "zero_optimization": zero_cfg,
+        "steps_per_print": 10**9,  # no progress lines in the ranks' logs
+    }
+
+
+def train_deepspeed(stages=DEEPSPEED_STAGES, model: dict | None = None, steps: int = 20, batch: int = 8,
+                    lr: float = 1e-2, seed: int = 0, bucket_numel: int = zero.DEFAULT_BUCKET_NUMEL,
+                    keep_params: bool = True) -> dict:
+    """Run on every rank (through launch): train_stages' run, the same TinyGPT on the same slices of the same
+    global batches, through `deepspeed.initialize` at each ZeRO stage in `stages` (config: deepspeed_config).
+
+    Returns stage -> {losses (global mean per step), params (flat, per step, gathered at stage 3, if
+    keep_params), step_ms, num_params, partition_numel (elements of the partition this rank's optimizer steps,
+    DeepSpeed's padding included), param_bytes (the parameter storage the rank holds: all of it at stages 1-2,
+    its slices at stage 3), optimizer_bytes (its Adam moments), master_bytes (an fp32 copy of the partition
+    kept besides the parameters; 0 where the optimizer steps the parameters' own storage)}."""
+    owner = "train_deepspeed"
+    stages = [_checks.choice(owner, "stage", _checks.integer(owner, "stage", s), (1, 2, 3)) for s in stages]
+    if not dist.is_initialized():
+        raise RuntimeError(f"{owner}: run it on ranks, e.g. launch({owner}, 2, kwargs=...)")
+    model = model or settings()["model"]
+    r, n = dist.get_rank(), dist.get_world_size()
+    configs = {stage: deepspeed_config(stage, batch, n, lr, bucket_numel) for stage in stages}
+    dev, b = rank_device(), batch // n
+    os.environ["DS_ACCELERATOR"] = dev.type  # DeepSpeed computes where the rank does ("cpu" or "cuda")
+    import deepspeed  # here, not at the top: DeepSpeed is optional
+
+    data = global_batches(steps, batch, model["block_size"], seed)
+    out = {}
+    with _one_thread():
+        for stage in stages:
+            m = make_model(model, seed).to(dev)
+            num_params = m.num_params()  # before DeepSpeed partitions the parameters (stage 3)
+            engine, *_ = deepspeed.initialize(model=m, model_parameters=m.parameters(), config=configs[stage])
+            losses, params, times = [], [], []
+            for x, y in data:
+                x, y = x[r * b:(r + 1) * b].to(dev), y[r * b:(r + 1) * b].to(dev)
+                _sync(dev)
+                t0 = time.perf_counter()
+                loss = engine(x, y)[1]
+                engine.backward(loss)
+                engine.step()  # step this rank's partition (stages 1-2: then all-gather the parameters)
+                _sync(dev)
+                times.append((time.perf_counter() - t0) * 1e3)
+                mean = loss.detach().clone()
+                dist.all_reduce(mean)
+                losses.append(mean.item() / n)
+                if keep_params:
+                    ps = list(engine.module.parameters())
+                    if stage == 3:  # each rank holds a slice of every parameter: gather them (on every rank)
+                        with deepspeed.zero.GatheredParameters(ps):
+                            params.append(_flat(ps))
+                    else:
+                        params.append(_flat(ps))
+            inner = engine.optimizer.optimizer  # the torch.optim.AdamW inside DeepSpeed's ZeRO optimizer
+            masters = list(inner.state)  # the fp32 partitions it steps (its state is keyed by them)
+            held = [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]  # stage 3: this rank's slices
+            own = {t.untyped_storage().data_ptr() for t in held}
+            out[stage] = dict(losses=losses, params=params, step_ms=statistics.median(times), num_params=num_params,
+                              partition_numel=sum(t.numel() for t in masters),
+                              param_bytes=_storage_bytes(held), optimizer_bytes=memory.state_bytes(inner),
+                              master_bytes=sum(t.numel() * t.element_size() for t in masters
+                                               if t.untyped_storage().data_ptr() not in own))
+            engine.destroy()
+    return out
+
+
 def stage_rows(quick: bool = False) -> list[dict]:
     """kind "stage": ZeRO stages 0-3 and ZeroRedundancyOptimizer on s["world_size"] ranks, side by side."""
     s = settings(quick)
@@ -253,5 +365,6 @@ def run(quick: bool = False) -> list[dict]:
     return stage_rows(quick) + offload_rows(quick) + bandwidth_rows(quick)
 
 
-__all__ = ["MODES", "bandwidth_rows", "global_batches", "make_model", "offload_rows", "reference_run", "run",
-           "settings", "stage_rows", "train_stages"]
+__all__ = ["DEEPSPEED_STAGES", "MODES", "bandwidth_rows", "deepspeed_available", "deepspeed_config", "global_batches",
+           "make_model", "offload_rows", "reference_run", "run", "settings", "stage_rows", "train_deepspeed",
+           "train_stages"]
