@@ -16,7 +16,8 @@ import math
 import torch
 
 from labkit import bench, datasets, runtime
-from labkit.models import GPTConfig, TinyGPT, train
+from labkit.benchmarks import char_gpt
+from labkit.models import train
 from labkit.optim.adamw import AdamW
 from labkit.optim.memory import state_bytes
 
@@ -48,25 +49,19 @@ def optimizers() -> dict[str, callable]:
     }
 
 
-def _model(config: dict, vocab_size: int, block_size: int, dev: torch.device) -> TinyGPT:
-    runtime.seed_everything(0)
-    return TinyGPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, **config)).to(dev)
-
-
 def run(quick: bool = False) -> list[dict]:
     """Step time, state bytes and final loss of each optimizer, side by side, on this machine's device."""
     if not isinstance(quick, bool):
         raise TypeError(f"run: quick must be a bool, got {type(quick).__name__}")
     dev = runtime.device()
     data = datasets.token_dataset("char", "train")
-    vocab = datasets.get_tokenizer("char").vocab_size
     B, T = runtime.pick(cpu=(16, 32), gpu=(32, 256))
     train_steps = _train_steps(quick)
     warmup, repeats = (2, 5) if quick else runtime.pick(cpu=(3, 10), gpu=(5, 30))
     device_name = bench.device_name(dev)
     rows: list[dict] = []
     for config in _configs(quick):
-        model = _model(config, vocab, T, dev)
+        model = char_gpt(block_size=T, device=dev, **config)
         n_params = sum(p.numel() for p in model.parameters())
         x, y = next(datasets.batches(data, B, T, seed=0, device=dev))
         model(x, y)[1].backward()  # one set of real gradients, reused by every timed step
@@ -78,7 +73,7 @@ def run(quick: bool = False) -> list[dict]:
             opt = make(list(model.parameters()))
             timing = bench.timeit(opt.step, warmup=warmup, repeats=repeats, device=dev)
             baseline_ms = timing.median_ms if baseline_ms is None else baseline_ms
-            trained = _model(config, vocab, T, dev)
+            trained = char_gpt(block_size=T, device=dev, **config)
             log = train(trained, datasets.batches(data, B, T, seed=1, device=dev), train_steps,
                         optimizer=make(list(trained.parameters())), progress=False, grad_clip=None)
             tail = log.losses[-5:]

@@ -19,8 +19,8 @@ from collections.abc import Callable
 import torch
 
 from labkit import bench, datasets, runtime
+from labkit.benchmarks import char_gpt
 from labkit.benchmarks.adamw import _configs  # the same TinyGPT sizes as chapter 04's AdamW benchmark
-from labkit.models import GPTConfig, TinyGPT
 from labkit.train import clipping
 from labkit.train.spikes import GradNormRecorder
 
@@ -46,14 +46,12 @@ def run(quick: bool = False) -> list[dict]:
         raise TypeError(f"run: quick must be a bool, got {type(quick).__name__}")
     dev = runtime.device()
     data = datasets.token_dataset("char", "train")
-    vocab = datasets.get_tokenizer("char").vocab_size
     B, T = runtime.pick(cpu=(8, 32), gpu=(16, 256))
     warmup, repeats = (2, 5) if quick else runtime.pick(cpu=(3, 15), gpu=(10, 50))
     name_of_device = bench.device_name(dev)
     rows: list[dict] = []
     for config in _configs(quick):
-        runtime.seed_everything(0)
-        model = TinyGPT(GPTConfig(vocab_size=vocab, block_size=T, **config)).to(dev)
+        model = char_gpt(block_size=T, device=dev, **config)
         params = [p for p in model.parameters() if p.requires_grad]
         label = f"{config['n_layer']}x{config['n_embd']}"
         common = dict(model=label, params=sum(p.numel() for p in params), n_tensors=len(params),

@@ -21,7 +21,7 @@ import time
 import torch
 
 from labkit import bench, datasets, runtime
-from labkit.models import GPTConfig, TinyGPT
+from labkit.benchmarks import char_gpt
 from labkit.optim.lion import Lion
 from labkit.optim.memory import state_bytes
 from labkit.optim.tiger import Tiger
@@ -55,10 +55,8 @@ def _sync(dev: torch.device) -> None:
 
 def train_one(name: str, make_opt, cfg: dict, dev: torch.device) -> dict:
     """Train a fresh TinyGPT with one optimizer; time its training steps; measure its state."""
-    runtime.seed_everything(0)
     data = datasets.token_dataset("char")
-    vocab = datasets.get_tokenizer("char").vocab_size
-    model = TinyGPT(GPTConfig(vocab_size=vocab, **cfg["model"])).to(dev)
+    model = char_gpt(device=dev, **cfg["model"])
     opt = make_opt(model.parameters())
     it = datasets.batches(data, cfg["batch"], cfg["model"]["block_size"], seed=1, device=dev)
     losses, step_s = [], []

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 
 from labkit import bench, datasets, runtime
-from labkit.models import GPTConfig, TinyGPT, evaluate, train
+from labkit.benchmarks import char_gpt
+from labkit.models import TinyGPT, evaluate, train
 from labkit.optim import muon as mu
 from labkit.optim.memory import state_bytes
 
@@ -41,13 +42,6 @@ def settings(quick: bool = False) -> dict:
     return s
 
 
-def _model(s: dict, vocab_size: int, seed: int) -> TinyGPT:
-    runtime.seed_everything(seed)
-    cfg = GPTConfig(vocab_size=vocab_size, block_size=s["block_size"], n_layer=s["n_layer"], n_embd=s["n_embd"],
-                    n_head=s["n_head"])
-    return TinyGPT(cfg).to(runtime.device())
-
-
 def make_optimizer(name: str, model: TinyGPT, lr: float, s: dict) -> torch.optim.Optimizer:
     """'AdamW' (every parameter) or 'Muon' (MuonWithAdamW: Muon on hidden matrices, AdamW on the rest)."""
     if name == "AdamW":
@@ -62,8 +56,8 @@ def train_run(name: str, lr: float, s: dict, *, seed: int = 0, progress: bool = 
     dev = runtime.device()
     data = datasets.token_dataset("char", "train")
     val = datasets.token_dataset("char", "val")
-    vocab = datasets.get_tokenizer("char").vocab_size
-    model = _model(s, vocab, seed)
+    model = char_gpt(seed=seed, device=dev, block_size=s["block_size"], n_layer=s["n_layer"], n_embd=s["n_embd"],
+                     n_head=s["n_head"])
     opt = make_optimizer(name, model, lr, s)
     log = train(model, datasets.batches(data, s["batch_size"], s["block_size"], seed=seed, device=dev), s["steps"],
                 optimizer=opt, progress=progress)

@@ -34,7 +34,8 @@ import torch
 import torch.distributed as dist
 
 from labkit import _checks, bench, datasets, runtime
-from labkit.models import GPTConfig, TinyGPT
+from labkit.benchmarks import char_gpt
+from labkit.models import TinyGPT
 from labkit.optim import memory
 from labkit.parallel import offload as off
 from labkit.parallel import zero
@@ -60,9 +61,7 @@ def settings(quick: bool = False) -> dict:
 
 def make_model(model: dict, seed: int = 0, *, tie_embeddings: bool = True) -> TinyGPT:
     """A seeded TinyGPT over the char vocabulary (the same weights on every rank)."""
-    runtime.seed_everything(seed)
-    vocab = datasets.get_tokenizer("char").vocab_size
-    return TinyGPT(GPTConfig(vocab_size=vocab, tie_embeddings=tie_embeddings, **model))
+    return char_gpt(seed=seed, tie_embeddings=tie_embeddings, **model)
 
 
 def global_batches(steps: int, batch: int, block_size: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
